@@ -1,0 +1,116 @@
+"""``POST /users/{userId}/balance`` and ``GET /users/{userId}``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Request, Response, get, post
+from litestar.exceptions import HTTPException
+from litestar.params import Parameter
+
+from balancectl import balance
+from balancectl.api.documents import (
+    INT64_MAX,
+    MAX_AMOUNT,
+    BalanceOperation,
+    BalanceRequest,
+    BalanceResult,
+    UserBalance,
+    problem_spec,
+)
+from balancectl.api.guards import require_token
+from balancectl.api.problems import problem_response
+from balancectl.db import Database
+from balancectl.errors import InvalidRequest
+
+IdempotencyKey = Annotated[
+    str | None,
+    Parameter(
+        header="Idempotency-Key",
+        required=False,
+        description="1 to 255 visible ASCII characters; a repeat replays the first outcome.",
+    ),
+]
+
+
+def parse_user_id(raw: str) -> int:
+    """A positive 64-bit integer written in plain ASCII digits."""
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= INT64_MAX:
+        raise InvalidRequest(f"userId must be a positive 64-bit integer, not {raw[:40]!r}")
+    return int(raw)
+
+
+def parse_amount(body: bytes) -> int:
+    """The ``amount`` of a JSON body: an integer, ``0 < |amount| <= 10^12``; nothing is coerced."""
+    try:
+        amount = msgspec.json.decode(body, type=BalanceRequest).amount
+    except msgspec.ValidationError as error:
+        raise InvalidRequest(f"invalid body: {error}") from error
+    except msgspec.DecodeError as error:
+        raise InvalidRequest(f"the body is not valid JSON: {error}") from error
+    if amount == 0 or abs(amount) > MAX_AMOUNT:
+        raise InvalidRequest(f"amount must be a non-zero integer within ±10^12, not {amount}")
+    return amount
+
+
+def parse_key(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    if not 1 <= len(raw) <= 255 or not all("!" <= c <= "~" for c in raw):
+        raise InvalidRequest("Idempotency-Key must be 1 to 255 visible ASCII characters")
+    return raw
+
+
+def require_json(request: Request[Any, Any, Any]) -> None:
+    media_type = request.content_type[0]
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise HTTPException(
+            status_code=415, detail=f"the body must be application/json, not {media_type!r}"
+        )
+
+
+@post(
+    "/users/{userId:str}/balance",
+    operation_class=BalanceOperation,
+    guards=[require_token],
+    status_code=200,
+    responses={
+        404: problem_spec("No such user (slug user-not-found)"),
+        409: problem_spec("Insufficient funds, or the balance limit (nothing changed)"),
+        422: problem_spec("Invalid request or reused Idempotency-Key"),
+        503: problem_spec("The database could not be reached in time (nothing changed)"),
+    },
+    summary="Change a user's balance at once",
+)
+async def change_balance(
+    request: Request[Any, Any, Any],
+    db: Database,
+    userId: Annotated[str, Parameter(description="A positive 64-bit integer")],  # noqa: N803
+    idempotency_key: IdempotencyKey = None,
+) -> Response[BalanceResult]:
+    """Debit (amount < 0) or credit (amount > 0); the balance never goes below zero."""
+    require_json(request)
+    uid, key = parse_user_id(userId), parse_key(idempotency_key)
+    amount = parse_amount(await request.body())
+    if key is None:
+        change = await balance.change_balance(db, uid, amount)
+        return Response(BalanceResult(**change.document()))
+    return replayable(await balance.change_balance_once(db, uid, amount, key))
+
+
+def replayable(stored: balance.Response) -> Response[Any]:
+    headers = {"Idempotent-Replayed": "true"} if stored.replayed else None
+    if stored.status != 200:
+        return problem_response(stored.body, headers=headers)
+    return Response(stored.body, status_code=200, headers=headers)
+
+
+@get(
+    "/users/{userId:str}",
+    responses={404: problem_spec("No such user"), 422: problem_spec("Invalid userId")},
+    summary="A user's balance",
+)
+async def get_user(db: Database, userId: str) -> UserBalance:  # noqa: N803
+    uid = parse_user_id(userId)
+    return UserBalance(userId=uid, balance=await balance.get_balance(db, uid))

@@ -1,0 +1,40 @@
+"""Operations: liveness, readiness, metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request, Response, get
+from litestar.datastructures import State
+
+from balancectl.api.documents import problem_spec
+from balancectl.api.metrics import Metrics
+from balancectl.db import Database
+from balancectl.errors import Unavailable
+
+
+@get("/healthz", summary="The process runs (no database call)")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get(
+    "/readyz",
+    summary="The database answers and the schema is at head",
+    responses={503: problem_spec("Not ready")},
+)
+async def readyz(db: Database, state: State) -> dict[str, str]:
+    row = await db.fetch_one("schema_revision")
+    revision = None if row is None else str(row["version_num"])
+    if revision != state.head_revision:
+        raise Unavailable(
+            f"the schema is at {revision}, this node needs {state.head_revision}",
+            revision=revision,
+        )
+    return {"status": "ready", "revision": revision}
+
+
+@get("/metrics", summary="Prometheus text format", media_type="text/plain; version=0.0.4")
+async def metrics(request: Request[Any, Any, Any], db: Database) -> Response[bytes]:
+    registry: Metrics = request.app.state.metrics
+    return Response(registry.render(db), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -1,0 +1,83 @@
+"""Every error leaves the API as RFC 9457 problem details; this is the one place they are made."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import MediaType, Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.types import ExceptionHandlersMap
+
+from balancectl.errors import BalancectlError, InvalidRequest, problem_document
+
+PROBLEM_JSON = "application/problem+json"
+log = logging.getLogger("balancectl.api")
+
+_SLUGS = {
+    400: ("bad-request", "Bad request"),
+    401: ("unauthorized", "Unauthorized"),
+    404: ("not-found", "Not found"),
+    405: ("method-not-allowed", "Method not allowed"),
+    413: ("payload-too-large", "Payload too large"),
+    415: ("unsupported-media-type", "Unsupported media type"),
+    422: ("invalid-request", "Invalid request"),
+    503: ("unavailable", "Service unavailable"),
+}
+
+
+def problem_response(
+    document: dict[str, Any], headers: dict[str, str] | None = None
+) -> Response[dict[str, Any]]:
+    return Response(
+        content=document,
+        status_code=int(document["status"]),
+        media_type=PROBLEM_JSON,
+        headers=headers,
+    )
+
+
+def on_domain_error(_: Request[Any, Any, Any], error: BalancectlError) -> Response[dict[str, Any]]:
+    return problem_response(problem_document(error))
+
+
+def on_validation_error(
+    _: Request[Any, Any, Any], error: ValidationException
+) -> Response[dict[str, Any]]:
+    return problem_response(problem_document(InvalidRequest(str(error.detail))))
+
+
+def on_http_error(_: Request[Any, Any, Any], error: HTTPException) -> Response[dict[str, Any]]:
+    slug, title = _SLUGS.get(error.status_code, ("http-error", "HTTP error"))
+    document = {
+        "type": f"urn:balancectl:problem:{slug}",
+        "title": title,
+        "status": error.status_code,
+        "detail": str(error.detail),
+    }
+    return problem_response(document, headers=error.headers)
+
+
+def on_unexpected_error(
+    request: Request[Any, Any, Any], error: Exception
+) -> Response[dict[str, Any]]:
+    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=error)
+    document = {
+        "type": "urn:balancectl:problem:internal",
+        "title": "Internal error",
+        "status": 500,
+        "detail": "the node failed to handle this request; nothing was changed",
+    }
+    return problem_response(document)
+
+
+def exception_handlers() -> ExceptionHandlersMap:
+    return {
+        BalancectlError: on_domain_error,
+        ValidationException: on_validation_error,
+        HTTPException: on_http_error,
+        Exception: on_unexpected_error,
+    }
+
+
+__all__ = ["PROBLEM_JSON", "MediaType", "exception_handlers", "problem_response"]

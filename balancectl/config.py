@@ -1,0 +1,76 @@
+"""Settings: read once by the command line, then passed down. No globals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from balancectl.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """The hot-path connection pool: sized so that 5 nodes fit in PostgreSQL's 100 connections."""
+
+    min_size: int = 2
+    max_size: int = 10
+    timeout: float = 5.0
+    max_waiting: int = 20000
+    prepared_statements: bool = True
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """The in-process scheduler's timing; every lease decision itself uses the database clock."""
+
+    jobs_file: Path | None = None
+    lease_ttl: float = 15.0
+    poll_interval: float = 1.0
+    settle: float = 3.0
+    enabled: bool = True
+
+    @property
+    def starve_after(self) -> float:
+        """A due job waiting this long is claimed by any node, whatever the spread."""
+        return self.lease_ttl
+
+    @property
+    def renew_every(self) -> float:
+        return self.lease_ttl / 3
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Everything ``balancectl serve`` needs to run one node."""
+
+    database_url: str
+    node_id: str = "node-1"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_token: str | None = None
+    insecure: bool = False
+    idempotency_retention: float = 24 * 3600.0
+    max_body_bytes: int = 4096
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+
+    def __post_init__(self) -> None:
+        check_database_url(self.database_url)
+        if self.scheduler.lease_ttl <= 0:
+            raise ConfigError("--lease-ttl must be a positive number of seconds")
+        if not is_loopback(self.host) and not self.api_token and not self.insecure:
+            raise ConfigError(
+                f"refusing to listen on {self.host} without --api-token (or pass --insecure)"
+            )
+
+
+def check_database_url(url: str) -> None:
+    """Refuse anything but a ``postgresql://`` URL, with one clear line."""
+    scheme = urlsplit(url).scheme
+    if scheme not in ("postgresql", "postgres"):
+        raise ConfigError(f"the database URL must start with postgresql:// (got {scheme or url!r})")
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")

@@ -1,0 +1,120 @@
+"""The one caller of the database driver: a psycopg async pool and named queries.
+
+Everything else asks this module for a named statement's rows; a database that
+cannot be reached in time surfaces as the domain error ``Unavailable``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from balancectl.config import PoolSettings
+from balancectl.errors import Unavailable
+from balancectl.queries import query
+
+Row = dict[str, Any]
+Params = Mapping[str, Any]
+
+
+class Session:
+    """Named queries on one connection (autocommit, or inside ``Database.transaction``)."""
+
+    def __init__(self, connection: psycopg.AsyncConnection[Row]) -> None:
+        self._connection = connection
+
+    async def fetch_one(self, name: str, params: Params | None = None) -> Row | None:
+        cursor = await self._connection.execute(query(name), params)
+        return await cursor.fetchone()
+
+    async def fetch_all(
+        self, name: str, params: Params | None = None, *, prepare: bool | None = None
+    ) -> list[Row]:
+        cursor = await self._connection.execute(query(name), params, prepare=prepare)
+        return await cursor.fetchall()
+
+    async def execute(self, name: str, params: Params | None = None) -> int:
+        cursor = await self._connection.execute(query(name), params)
+        return cursor.rowcount
+
+
+class Database:
+    """A pool of autocommit connections; open it in a lifespan, close it on the way out."""
+
+    def __init__(self, url: str, settings: PoolSettings, *, name: str = "balancectl") -> None:
+        self.settings = settings
+        self.pool: AsyncConnectionPool[psycopg.AsyncConnection[Row]] = AsyncConnectionPool(
+            url,
+            min_size=settings.min_size,
+            max_size=settings.max_size,
+            timeout=settings.timeout,
+            max_waiting=settings.max_waiting,
+            kwargs=connection_kwargs(settings),
+            connection_class=psycopg.AsyncConnection[Row],
+            name=name,
+            open=False,
+        )
+
+    async def open(self, *, wait: bool = False) -> None:
+        await self.pool.open(wait=wait, timeout=self.settings.timeout)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[Session]:
+        """One pooled connection in autocommit mode: each statement is its own transaction."""
+        try:
+            async with self.pool.connection() as connection:
+                yield Session(connection)
+        except (PoolTimeout, psycopg.OperationalError) as error:
+            raise Unavailable(f"the database could not be reached in time: {first_line(error)}") from error
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Session]:
+        """One pooled connection inside one transaction, committed on a clean exit."""
+        async with self.session() as session:
+            async with session._connection.transaction():
+                yield session
+
+    async def fetch_one(self, name: str, params: Params | None = None) -> Row | None:
+        async with self.session() as session:
+            return await session.fetch_one(name, params)
+
+    async def fetch_all(
+        self, name: str, params: Params | None = None, *, prepare: bool | None = None
+    ) -> list[Row]:
+        async with self.session() as session:
+            return await session.fetch_all(name, params, prepare=prepare)
+
+    async def execute(self, name: str, params: Params | None = None) -> int:
+        async with self.session() as session:
+            return await session.execute(name, params)
+
+    def stats(self) -> dict[str, int]:
+        """The pool's counters (size, in use, waiting) for ``/metrics``."""
+        stats = self.pool.get_stats()
+        return {
+            "size": stats.get("pool_size", 0),
+            "available": stats.get("pool_available", 0),
+            "waiting": stats.get("requests_waiting", 0),
+        }
+
+
+def connection_kwargs(settings: PoolSettings) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"autocommit": True, "row_factory": dict_row, "connect_timeout": 5}
+    if not settings.prepared_statements:
+        # Behind a transaction-pooling PgBouncer older than 1.21, server-side
+        # prepared statements would land on other server connections.
+        kwargs["prepare_threshold"] = None
+    return kwargs
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

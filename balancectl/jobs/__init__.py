@@ -1,0 +1,1 @@
+"""The jobs balancectl ships, and its default jobs file (``default.toml``)."""

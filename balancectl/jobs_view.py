@@ -1,0 +1,76 @@
+"""The cluster's jobs as a rich table, from a node's ``GET /jobs`` or straight from the database."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from datetime import datetime
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+STATE_STYLE = {"running": "bold green", "waiting": "yellow"}
+RESULT_STYLE = {"succeeded": "green", "failed": "red", "lost": "magenta", "cancelled": "dim"}
+
+
+def seconds_text(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    sign, seconds = ("-" if seconds < 0 else ""), abs(seconds)
+    minutes, rest = divmod(int(seconds), 60)
+    return f"{sign}{minutes}m{rest:02d}s" if minutes else f"{sign}{seconds:.1f}s"
+
+
+def due_in(job: dict[str, Any], now: datetime) -> float | None:
+    if job["next_run_at"] is None:
+        return None
+    return (datetime.fromisoformat(job["next_run_at"]) - now).total_seconds()
+
+
+def last_result(run: dict[str, Any] | None) -> Text:
+    if run is None:
+        return Text("never run", style="dim")
+    text = Text(run["status"], style=RESULT_STYLE.get(run["status"], ""))
+    text.append(f" on {run['node']} ({seconds_text(run['duration_seconds'])})", style="dim")
+    return text
+
+
+def build_jobs_table(document: dict[str, Any]) -> Table:
+    """One row per job: state, node, elapsed or due-in, interval, last result."""
+    now = datetime.fromisoformat(document["now"])
+    table = Table(title=f"balancectl jobs at {now:%H:%M:%S} (database clock)")
+    for column in ("job", "state", "node", "elapsed", "due in", "interval", "last run"):
+        table.add_column(column)
+    for job in document["jobs"]:
+        table.add_row(
+            job["name"],
+            Text(job["state"], style=STATE_STYLE.get(job["state"], "")),
+            job["node"] or "",
+            seconds_text(job["elapsed_seconds"]),
+            seconds_text(due_in(job, now)),
+            seconds_text(job["interval_seconds"]),
+            last_result(job["last_run"]),
+        )
+    return table
+
+
+def build_spread_table(document: dict[str, Any]) -> Table:
+    """How many jobs each node runs right now."""
+    counts: dict[str, int] = {}
+    for job in document["jobs"]:
+        if job["node"]:
+            counts[job["node"]] = counts.get(job["node"], 0) + 1
+    table = Table(title="running jobs per node")
+    table.add_column("node")
+    table.add_column("jobs", justify="right")
+    for node, count in sorted(counts.items()):
+        table.add_row(node, str(count))
+    return table
+
+
+def fetch_jobs(url: str, timeout: float = 5.0) -> dict[str, Any]:
+    """``GET /jobs`` of one node."""
+    with urllib.request.urlopen(f"{url.rstrip('/')}/jobs", timeout=timeout) as response:
+        document: dict[str, Any] = json.load(response)
+    return document

@@ -1,0 +1,79 @@
+"""What ``GET /jobs``, ``/jobs/history`` and ``/nodes`` show, as JSON-ready documents."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from balancectl.db import Database, Row
+
+
+def iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def run_document(row: Row, prefix: str = "") -> dict[str, Any] | None:
+    """A run row (or the ``run_*`` columns of a job row) as the contract's Run."""
+    if row[f"{prefix}id"] is None:
+        return None
+    started, finished = row[f"{prefix}started_at"], row[f"{prefix}finished_at"]
+    return {
+        "id": int(row[f"{prefix}id"]),
+        "job": row.get(f"{prefix}job") or row["name"],
+        "node": row[f"{prefix}node"],
+        "token": int(row[f"{prefix}token"]),
+        "started_at": iso(started),
+        "finished_at": iso(finished),
+        "duration_seconds": round((finished - started).total_seconds(), 3),
+        "status": row[f"{prefix}status"],
+        "error": row[f"{prefix}error"],
+    }
+
+
+def job_document(row: Row) -> dict[str, Any]:
+    running = bool(row["running"])
+    return {
+        "name": row["name"],
+        "function": row["function"],
+        "interval_seconds": float(row["interval_seconds"]),
+        "state": "running" if running else "waiting",
+        "node": row["owner"] if running else None,
+        "started_at": iso(row["started_at"]) if running else None,
+        "elapsed_seconds": round(float(row["elapsed_seconds"]), 3) if running else None,
+        "next_run_at": None if running else iso(row["next_run_at"]),
+        "last_run": run_document(row, "run_"),
+    }
+
+
+async def jobs_document(db: Database) -> dict[str, Any]:
+    """Every configured job, running or waiting, read at one database instant."""
+    rows = await db.fetch_all("list_jobs")
+    now = rows[0]["now"] if rows else (await db.fetch_one("database_now") or {}).get("now")
+    return {"now": iso(now), "jobs": [job_document(row) for row in rows]}
+
+
+async def history_document(
+    db: Database, job: str | None, node: str | None, limit: int
+) -> dict[str, Any]:
+    """Finished runs, newest first (custom plans, so each filter uses its index)."""
+    rows = await db.fetch_all(
+        "job_history", {"job": job, "node": node, "limit": limit}, prepare=False
+    )
+    return {"runs": [run_document(row) for row in rows]}
+
+
+async def nodes_document(db: Database, lease_ttl: float) -> dict[str, Any]:
+    rows = await db.fetch_all("list_nodes", {"lease_ttl": lease_ttl})
+    return {
+        "nodes": [
+            {
+                "id": row["id"],
+                "host": row["host"],
+                "pid": int(row["pid"]),
+                "started_at": iso(row["started_at"]),
+                "last_seen_at": iso(row["last_seen_at"]),
+                "alive": bool(row["alive"]),
+            }
+            for row in rows
+        ]
+    }

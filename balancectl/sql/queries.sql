@@ -1,0 +1,233 @@
+-- Every SQL statement balancectl runs at run time, one named block each.
+-- Loaded by name through balancectl.queries; parameters use psycopg's %(name)s style.
+-- Time is always the database's now(), never a node's clock.
+
+-- name: ping
+SELECT 1 AS ok
+
+-- name: database_now
+SELECT now() AS now
+
+-- name: schema_revision
+SELECT version_num FROM alembic_version
+
+-- name: get_user
+SELECT id, balance FROM users WHERE id = %(user_id)s
+
+-- name: change_balance
+-- One atomic conditional change: no read-then-write. The bounds are written so
+-- that no comparison can overflow bigint for any |amount| <= 10^12; the CHECK
+-- constraint backs the rule. The ledger row is written by the same statement.
+WITH target AS (
+    SELECT id, balance FROM users WHERE id = %(user_id)s
+), changed AS (
+    UPDATE users
+    SET balance = balance + %(amount)s::bigint
+    WHERE id = %(user_id)s
+      AND balance >= -%(amount)s::bigint
+      AND balance <= 9223372036854775807 - greatest(%(amount)s::bigint, 0)
+    RETURNING id, balance
+), entry AS (
+    INSERT INTO ledger (user_id, amount, balance_after, idempotency_key)
+    SELECT id, %(amount)s::bigint, balance, %(key)s::text FROM changed
+)
+SELECT (SELECT balance FROM changed) AS balance,
+       (SELECT balance FROM target) AS previous
+
+-- name: claim_idempotency_key
+-- Waits for a concurrent holder of the same key to commit or roll back.
+INSERT INTO idempotency_keys (key, user_id, amount)
+VALUES (%(key)s, %(user_id)s, %(amount)s)
+ON CONFLICT (key) DO NOTHING
+RETURNING key
+
+-- name: get_idempotency_key
+SELECT user_id, amount, status_code, response
+FROM idempotency_keys WHERE key = %(key)s
+
+-- name: store_idempotent_response
+UPDATE idempotency_keys
+SET status_code = %(status_code)s, response = %(response)s
+WHERE key = %(key)s
+
+-- name: prune_idempotency_keys
+DELETE FROM idempotency_keys
+WHERE created_at < now() - make_interval(secs => %(retention_seconds)s)
+
+-- name: audit_ledger
+-- Users whose balance differs from the sum of their ledger.
+SELECT u.id AS user_id, u.balance, coalesce(l.total, 0) AS ledger_total
+FROM users u
+LEFT JOIN (SELECT user_id, sum(amount) AS total FROM ledger GROUP BY user_id) l
+       ON l.user_id = u.id
+WHERE u.balance <> coalesce(l.total, 0)
+
+-- name: snapshot_totals
+-- Fenced: writes only while the claim that runs it still holds its lease.
+INSERT INTO balance_snapshots (taken_at, users, total_balance, ledger_entries, job_token)
+SELECT now(), (SELECT count(*) FROM users), (SELECT coalesce(sum(balance), 0) FROM users),
+       (SELECT count(*) FROM ledger), %(token)s
+WHERE EXISTS (
+    SELECT 1 FROM jobs
+    WHERE name = %(job)s AND token = %(token)s AND lease_expires_at > now()
+)
+RETURNING id
+
+-- name: prune_job_runs
+DELETE FROM job_runs
+WHERE finished_at < now() - make_interval(secs => %(retention_seconds)s)
+  AND EXISTS (
+    SELECT 1 FROM jobs
+    WHERE name = %(job)s AND token = %(token)s AND lease_expires_at > now()
+)
+
+-- name: prune_nodes
+DELETE FROM nodes
+WHERE last_seen_at < now() - make_interval(secs => %(retention_seconds)s)
+  AND EXISTS (
+    SELECT 1 FROM jobs
+    WHERE name = %(job)s AND token = %(token)s AND lease_expires_at > now()
+)
+
+-- name: lease_valid
+SELECT EXISTS (
+    SELECT 1 FROM jobs
+    WHERE name = %(job)s AND token = %(token)s AND lease_expires_at > now()
+) AS valid
+
+-- name: register_node
+INSERT INTO nodes (id, host, pid, started_at, last_seen_at, stopped_at)
+VALUES (%(node)s, %(host)s, %(pid)s, now(), now(), NULL)
+ON CONFLICT (id) DO UPDATE
+SET host = EXCLUDED.host, pid = EXCLUDED.pid, started_at = now(),
+    last_seen_at = now(), stopped_at = NULL
+RETURNING started_at
+
+-- name: touch_node
+UPDATE nodes SET last_seen_at = now() WHERE id = %(node)s AND stopped_at IS NULL
+
+-- name: stop_node
+UPDATE nodes SET stopped_at = now(), last_seen_at = now() WHERE id = %(node)s
+
+-- name: register_job
+-- A node's jobs file adds or updates a job's definition; never its lease.
+INSERT INTO jobs (name, function, interval_seconds, min_duration_seconds, next_run_at)
+VALUES (%(name)s, %(function)s, %(interval_seconds)s, %(min_duration_seconds)s, now())
+ON CONFLICT (name) DO UPDATE
+SET function = EXCLUDED.function,
+    interval_seconds = EXCLUDED.interval_seconds,
+    min_duration_seconds = EXCLUDED.min_duration_seconds
+
+-- name: claim_job
+-- Claims at most one due job whose lease is free or expired, and only while
+-- this node runs no more jobs than the least loaded live node (so nodes that
+-- start together share evenly), unless the job has waited past starve_after.
+-- Increments the fencing token; records the expired claim's run as lost.
+WITH alive AS (
+    SELECT id FROM nodes
+    WHERE stopped_at IS NULL
+      AND last_seen_at > now() - make_interval(secs => %(lease_ttl)s)
+), loads AS (
+    SELECT a.id, count(j.name) AS running
+    FROM alive a
+    LEFT JOIN jobs j ON j.owner = a.id AND j.lease_expires_at > now()
+    GROUP BY a.id
+), mine AS (
+    SELECT count(*) AS running FROM jobs
+    WHERE owner = %(node)s AND lease_expires_at > now()
+), candidate AS (
+    SELECT name, owner, token, started_at, lease_expires_at
+    FROM jobs
+    WHERE name = ANY(%(names)s::text[])
+      AND next_run_at <= now()
+      AND (owner IS NULL OR lease_expires_at <= now())
+      AND ((SELECT running FROM mine) <= coalesce((SELECT min(running) FROM loads), 0)
+           OR next_run_at <= now() - make_interval(secs => %(starve_after)s))
+    ORDER BY next_run_at, name
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE jobs j
+    SET owner = %(node)s, token = j.token + 1, started_at = now(),
+        lease_expires_at = now() + make_interval(secs => %(lease_ttl)s)
+    FROM candidate c
+    WHERE j.name = c.name
+    RETURNING j.name, j.function, j.token, j.started_at, j.lease_expires_at,
+              j.min_duration_seconds
+), lost AS (
+    INSERT INTO job_runs (job, node, token, started_at, finished_at, status, error)
+    SELECT c.name, c.owner, c.token, c.started_at, c.lease_expires_at, 'lost',
+           'lease expired; taken over by ' || %(node)s
+    FROM candidate c
+    WHERE c.owner IS NOT NULL
+    ON CONFLICT (job, token) DO NOTHING
+)
+SELECT name, function, token, started_at, min_duration_seconds FROM claimed
+
+-- name: renew_leases
+-- Extends only the leases this node still holds under the given tokens.
+UPDATE jobs j
+SET lease_expires_at = now() + make_interval(secs => %(lease_ttl)s)
+FROM unnest(%(names)s::text[], %(tokens)s::bigint[]) AS held(name, token)
+WHERE j.name = held.name AND j.token = held.token
+  AND j.owner = %(node)s AND j.lease_expires_at > now()
+RETURNING j.name
+
+-- name: finish_run
+-- Records a claim's run once and releases the job, only under its token.
+-- A lease that already expired (or a run the node gave up as lost) is
+-- recorded as lost, ending when its lease expired, so no runs overlap.
+WITH held AS (
+    SELECT name, token, started_at, lease_expires_at, interval_seconds,
+           (lease_expires_at <= now() OR %(status)s = 'lost') AS lost
+    FROM jobs
+    WHERE name = %(job)s AND token = %(token)s AND owner = %(node)s
+    FOR UPDATE
+), released AS (
+    UPDATE jobs j
+    SET owner = NULL, lease_expires_at = NULL,
+        next_run_at = CASE
+            WHEN h.lost THEN h.lease_expires_at
+            WHEN %(status)s = 'cancelled' THEN now()
+            ELSE greatest(h.started_at + make_interval(secs => h.interval_seconds), now())
+        END
+    FROM held h
+    WHERE j.name = h.name
+    RETURNING j.name
+)
+INSERT INTO job_runs (job, node, token, started_at, finished_at, status, error)
+SELECT h.name, %(node)s, h.token, h.started_at,
+       CASE WHEN h.lost THEN h.lease_expires_at ELSE now() END,
+       CASE WHEN h.lost THEN 'lost' ELSE %(status)s END,
+       CASE WHEN h.lost THEN coalesce(%(error)s, 'lease expired') ELSE %(error)s END
+FROM held h
+ON CONFLICT (job, token) DO NOTHING
+RETURNING id, status
+
+-- name: list_jobs
+SELECT now() AS now, j.name, j.function, j.interval_seconds,
+       (j.owner IS NOT NULL AND j.lease_expires_at > now()) AS running,
+       j.owner, j.started_at, extract(epoch FROM now() - j.started_at)::float8 AS elapsed_seconds,
+       j.next_run_at,
+       r.id AS run_id, r.node AS run_node, r.token AS run_token, r.started_at AS run_started_at,
+       r.finished_at AS run_finished_at, r.status AS run_status, r.error AS run_error
+FROM jobs j
+LEFT JOIN LATERAL (
+    SELECT id, node, token, started_at, finished_at, status, error
+    FROM job_runs WHERE job = j.name
+    ORDER BY started_at DESC, id DESC LIMIT 1
+) r ON true
+ORDER BY j.name
+
+-- name: job_history
+SELECT id, job, node, token, started_at, finished_at, status, error
+FROM job_runs
+WHERE (%(job)s::text IS NULL OR job = %(job)s::text)
+  AND (%(node)s::text IS NULL OR node = %(node)s::text)
+ORDER BY started_at DESC, id DESC
+LIMIT %(limit)s
+
+-- name: list_nodes
+SELECT id, host, pid, started_at, last_seen_at,
+       (stopped_at IS NULL AND last_seen_at > now() - make_interval(secs => %(lease_ttl)s)) AS alive
+FROM nodes ORDER BY id

@@ -1,0 +1,133 @@
+"""Test databases: one server, one migrated template per run, a fresh clone for each test.
+
+The server is ``BALANCECTL_TEST_DATABASE_URL`` when set, else an embedded PostgreSQL in
+a temporary folder, stopped and removed at the end of the run. Every database this run
+creates is named with a random prefix, so that runs sharing a server never clash.
+
+Helpers for tests: ``sql(url, statement, params)`` and ``free_port()``
+(``from tests.conftest import sql``).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from itertools import count
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+from psycopg import sql as pgsql
+from psycopg.abc import Params
+
+from balancectl.embedded import embedded_database_url, stop_embedded
+from balancectl.migrations import upgrade
+
+RUN_PREFIX = f"balancectl_test_{secrets.token_hex(4)}"
+_database_numbers = count(1)
+_ports_handed_out: set[int] = set()
+
+
+def sql(url: str, statement: str, params: Params | None = None) -> list[tuple[Any, ...]]:
+    """Run one statement in its own autocommit connection; its rows, or [] when it has none."""
+    with psycopg.connect(url, autocommit=True) as connection:
+        cursor = connection.execute(statement, params)
+        return cursor.fetchall() if cursor.description is not None else []
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now and that this run has not handed out before."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        if port not in _ports_handed_out:
+            _ports_handed_out.add(port)
+            return port
+
+
+def url_for_database(server_url: str, database: str) -> str:
+    """The same server and credentials, another database."""
+    return urlunsplit(urlsplit(server_url)._replace(path=f"/{database}"))
+
+
+def create_database(server_url: str, name: str, template: str = "template0") -> str:
+    """Create ``name`` as a copy of ``template`` and return its URL."""
+    statement = pgsql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+        pgsql.Identifier(name), pgsql.Identifier(template)
+    )
+    _admin(server_url, statement)
+    return url_for_database(server_url, name)
+
+
+def drop_database(server_url: str, name: str) -> None:
+    """Drop ``name``, ending any session still connected to it (nodes a test left behind)."""
+    _admin(server_url, pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(pgsql.Identifier(name)))
+
+
+def _admin(server_url: str, statement: pgsql.Composed) -> None:
+    # CREATE and DROP DATABASE cannot run inside a transaction block.
+    with psycopg.connect(server_url, autocommit=True) as connection:
+        connection.execute(statement)
+
+
+def _next_database_name() -> str:
+    return f"{RUN_PREFIX}_{next(_database_numbers)}"
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    """The URL of the server's maintenance database, where this run creates its databases."""
+    configured = os.environ.get("BALANCECTL_TEST_DATABASE_URL")
+    if configured:
+        yield configured
+        return
+    folder = Path(tempfile.mkdtemp(prefix="balancectl-test-"))
+    try:
+        yield embedded_database_url(folder / "pgdata")
+    finally:
+        stop_embedded(folder / "pgdata")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def template_database(server_url: str) -> Iterator[str]:
+    """The name of a database migrated to head once per run; tests get copies of it."""
+    name = f"{RUN_PREFIX}_template"
+    try:
+        upgrade(create_database(server_url, name))
+        yield name
+    finally:
+        drop_database(server_url, name)
+
+
+@pytest.fixture
+def database_url(server_url: str, template_database: str) -> Iterator[str]:
+    """A fresh database at head (user 1 holds 10000), this test's alone; dropped afterwards."""
+    name = _next_database_name()
+    try:
+        yield create_database(server_url, name, template=template_database)
+    finally:
+        drop_database(server_url, name)
+
+
+@pytest.fixture
+def empty_database_url(server_url: str) -> Iterator[str]:
+    """A fresh database with no schema at all, for migration tests; dropped afterwards."""
+    name = _next_database_name()
+    try:
+        yield create_database(server_url, name)
+    finally:
+        drop_database(server_url, name)
+
+
+@pytest.fixture
+def tcp_port() -> int:
+    """A free TCP port on 127.0.0.1 (call ``free_port()`` for more than one)."""
+    return free_port()

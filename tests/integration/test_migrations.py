@@ -1,0 +1,58 @@
+"""The schema: built from nothing, idempotent, and safe when many processes migrate at once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from balancectl.migrations import head_revision, upgrade
+from tests.conftest import sql
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+MIGRATING_PROCESSES = 5
+
+
+def test_upgrade_creates_users_with_the_seed(empty_database_url: str) -> None:
+    upgrade(empty_database_url)
+
+    assert sql(empty_database_url, "SELECT id, balance FROM users") == [(1, 10000)]
+
+
+def test_balance_cannot_go_below_zero(empty_database_url: str) -> None:
+    upgrade(empty_database_url)
+
+    with pytest.raises(psycopg.errors.CheckViolation):
+        sql(empty_database_url, "UPDATE users SET balance = -1 WHERE id = 1")
+    assert sql(empty_database_url, "SELECT balance FROM users WHERE id = 1") == [(10000,)]
+
+
+def test_upgrade_twice_changes_nothing(empty_database_url: str) -> None:
+    upgrade(empty_database_url)
+    upgrade(empty_database_url)
+
+    assert_seeded_once_at_head(empty_database_url)
+
+
+def test_processes_migrating_at_once_all_succeed(empty_database_url: str) -> None:
+    command = [sys.executable, "-m", "balancectl", "migrate", "--database-url", empty_database_url]
+    processes = [
+        subprocess.Popen(
+            command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(MIGRATING_PROCESSES)
+    ]
+    outcomes = [(process.communicate(timeout=120), process.returncode) for process in processes]
+
+    for (_, stderr), returncode in outcomes:
+        assert returncode == 0, stderr
+    assert_seeded_once_at_head(empty_database_url)
+
+
+def assert_seeded_once_at_head(url: str) -> None:
+    assert sql(url, "SELECT id, balance FROM users") == [(1, 10000)]
+    assert sql(url, "SELECT count(*) FROM ledger WHERE user_id = 1") == [(1,)]
+    assert sql(url, "SELECT version_num FROM alembic_version") == [(head_revision(),)]
