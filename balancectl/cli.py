@@ -98,7 +98,7 @@ def serve(
     pool_size: Annotated[int, typer.Option(envvar=env("pool-size"), min=1)] = 10,
     pool_timeout: Annotated[
         float, typer.Option(envvar=env("pool-timeout"), min=0.1, help="Wait for a connection, s.")
-    ] = 5.0,
+    ] = 30.0,
     no_prepare: Annotated[
         bool,
         typer.Option(envvar=env("no-prepare"), help="No server-side prepared statements (PgBouncer)."),

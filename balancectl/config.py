@@ -15,7 +15,8 @@ class PoolSettings:
 
     min_size: int = 2
     max_size: int = 10
-    timeout: float = 5.0
+    # A burst of 10,000 requests queues for the pool: the wait must outlast the queue.
+    timeout: float = 30.0
     max_waiting: int = 20000
     prepared_statements: bool = True
 

@@ -50,8 +50,9 @@ def default_data_dir() -> Path:
 def embedded_database_url(data_dir: Path | None = None) -> str:
     """Start (or reuse) the embedded server in ``data_dir`` and return its URL.
 
-    ``data_dir`` is the PostgreSQL data directory itself; it is created when missing.
-    Raises ``ConfigError`` when the server cannot be started.
+    ``data_dir`` is the PostgreSQL data directory itself, created when missing. The server
+    stays up when this process exits (``stop_embedded`` stops it). Raises ``ConfigError``
+    when it cannot be started.
     """
     pgdata = _resolve(data_dir)
     try:
@@ -64,11 +65,16 @@ def stop_embedded(data_dir: Path | None = None) -> bool:
     """Stop the embedded server (fast shutdown: open sessions end); False if none was running."""
     pgdata = _resolve(data_dir)
     pid_file = pgdata / "postmaster.pid"
+    if not pid_file.exists():
+        return False
     with _exclusive(_lock_file(pgdata)):
         pid = _postmaster_pid(pgdata)
         if pid is None:
             return False
-        os.kill(pid, signal.SIGINT)
+        try:
+            os.kill(pid, signal.SIGINT)
+        except ProcessLookupError:
+            return False
         _wait_until_gone(pid_file)
     return True
 

@@ -605,7 +605,11 @@ async def run_loadtest(config: LoadtestConfig) -> LoadtestReport:
         if config.reset is not None:
             await _reset_balance(session, config, config.reset)
         start_balance = await _get_balance(session, config)
+    # A session of its own: no burst request rides on a kept-alive connection that
+    # the server may be closing at that very moment.
+    async with _open_session(config) as session:
         results, wall = await _burst(session, config)
+    async with _open_session(config) as session:
         final_balance = await _get_balance(session, config)
     return _build_report(config, start_balance, results, final_balance, wall, soft)
 

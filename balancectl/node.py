@@ -80,7 +80,7 @@ def serve(settings: NodeSettings, specs: Sequence[JobSpec], db_wait: float = 30.
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=10,
-        timeout_keep_alive=5,
+        timeout_keep_alive=30,
         lifespan="on",
     )
     log.info("node %s listening on http://%s:%d", settings.node_id, settings.host, settings.port)

@@ -68,7 +68,8 @@ def create_database(server_url: str, name: str, template: str = "template0") -> 
 
 def drop_database(server_url: str, name: str) -> None:
     """Drop ``name``, ending any session still connected to it (nodes a test left behind)."""
-    _admin(server_url, pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(pgsql.Identifier(name)))
+    statement = pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+    _admin(server_url, statement.format(pgsql.Identifier(name)))
 
 
 def _admin(server_url: str, statement: pgsql.Composed) -> None:

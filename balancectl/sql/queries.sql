@@ -121,7 +121,8 @@ SET function = EXCLUDED.function,
 -- name: claim_job
 -- Claims at most one due job whose lease is free or expired, and only while
 -- this node runs no more jobs than the least loaded live node (so nodes that
--- start together share evenly), unless the job has waited past starve_after.
+-- start together share evenly), unless the job has waited past starve_after
+-- and this node has itself been up that long (so a cold start still spreads).
 -- Increments the fencing token; records the expired claim's run as lost.
 WITH alive AS (
     SELECT id FROM nodes
@@ -142,7 +143,10 @@ WITH alive AS (
       AND next_run_at <= now()
       AND (owner IS NULL OR lease_expires_at <= now())
       AND ((SELECT running FROM mine) <= coalesce((SELECT min(running) FROM loads), 0)
-           OR next_run_at <= now() - make_interval(secs => %(starve_after)s))
+           OR (next_run_at <= now() - make_interval(secs => %(starve_after)s)
+               AND EXISTS (SELECT 1 FROM nodes
+                           WHERE id = %(node)s
+                             AND started_at <= now() - make_interval(secs => %(starve_after)s))))
     ORDER BY next_run_at, name
     LIMIT 1
     FOR UPDATE SKIP LOCKED

@@ -14,7 +14,7 @@ import pytest
 from balancectl.embedded import embedded_database_url, stop_embedded
 from balancectl.errors import ConfigError
 from balancectl.migrations import upgrade
-from tests.conftest import sql
+from tests.conftest import sql, url_for_database
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PRINT_URL = (
@@ -51,7 +51,7 @@ def test_migrations_run_on_the_embedded_server(data_dir: Path) -> None:
     url = embedded_database_url(data_dir)
     sql(url, "DROP DATABASE IF EXISTS migrated WITH (FORCE)")
     sql(url, "CREATE DATABASE migrated")
-    migrated = url.replace("/postgres?", "/migrated?", 1)
+    migrated = url_for_database(url, "migrated")
 
     upgrade(migrated)
 

@@ -1,0 +1,39 @@
+"""Developer and CI sessions. ``nox`` runs lint, typecheck and tests, in that order.
+
+Every session runs on the interpreter that runs nox (no ``python=``), so nox never looks
+for or downloads another Python. ``nox -s tests -- -k balance`` passes arguments to pytest.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.default_venv_backend = "venv"
+nox.options.download_python = "never"
+nox.options.reuse_venv = "yes"
+nox.options.error_on_external_run = True
+
+SOURCES = ("balancectl", "tests", "alembic", "benchmarks", "noxfile.py")
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff: the lint rules, then the formatting, over every Python file."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", *SOURCES)
+    session.run("ruff", "format", "--check", *SOURCES)
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over the package, the tests and this file."""
+    session.install(".[test]", "mypy>=1.10", "nox")
+    session.run("mypy", "--strict", "balancectl", "tests", "noxfile.py")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """pytest against BALANCECTL_TEST_DATABASE_URL, else an embedded PostgreSQL."""
+    session.install(".[test]")
+    session.run("pytest", *session.posargs)
