@@ -35,7 +35,9 @@ def run_online() -> None:
             transaction_per_migration=False,
         )
         with context.begin_transaction():
-            connection.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
+            connection.execute(
+                sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID}
+            )
             context.run_migrations()
     engine.dispose()
 

@@ -9,8 +9,8 @@ from psycopg.types.json import Jsonb
 
 from balancectl.db import Database, Row, Session
 from balancectl.errors import (
-    BalanceOverflow,
     BalancectlError,
+    BalanceOverflow,
     IdempotencyKeyReused,
     InsufficientFunds,
     Unavailable,

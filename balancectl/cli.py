@@ -101,7 +101,9 @@ def serve(
     ] = 30.0,
     no_prepare: Annotated[
         bool,
-        typer.Option(envvar=env("no-prepare"), help="No server-side prepared statements (PgBouncer)."),
+        typer.Option(
+            envvar=env("no-prepare"), help="No server-side prepared statements (PgBouncer)."
+        ),
     ] = False,
     db_wait: Annotated[
         float, typer.Option(envvar=env("db-wait"), min=0, help="Wait for the database at start, s.")
@@ -168,7 +170,7 @@ def up(
             cluster.stop()
 
 
-class terminate_on_sigterm:  # noqa: N801 - used as a context manager
+class terminate_on_sigterm:
     """Turn SIGTERM into KeyboardInterrupt for the launcher, so both stop the nodes."""
 
     def __enter__(self) -> None:
@@ -208,7 +210,7 @@ def loadtest(
     ] = None,
     progress: Annotated[bool, typer.Option(envvar=env("progress"))] = True,
 ) -> None:
-    """Fire all requests at the same moment, verify the outcome, report; exit 1 on a failed check."""
+    """Fire all requests at the same moment, verify, report; exit 1 when a check fails."""
     from balancectl.loadtest import LoadtestConfig
 
     config = LoadtestConfig(

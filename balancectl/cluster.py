@@ -53,6 +53,7 @@ class LocalCluster:
     extra_args: Sequence[str] = ()
     env: dict[str, str] = field(default_factory=dict)
     log: IO[str] | None = None
+    ports: Sequence[int] | None = None
     members: list[Node] = field(default_factory=list)
 
     @property
@@ -61,8 +62,9 @@ class LocalCluster:
 
     def start(self) -> None:
         env = {**os.environ, **self.env, "BALANCECTL_DATABASE_URL": self.database_url}
-        for index in range(1, self.nodes + 1):
-            self.members.append(self._spawn(f"node-{index}", self.base_port + index - 1, env))
+        ports = self.ports or range(self.base_port, self.base_port + self.nodes)
+        for index, port in enumerate(ports, start=1):
+            self.members.append(self._spawn(f"node-{index}", port, env))
 
     def _spawn(self, node_id: str, port: int, env: dict[str, str]) -> Node:
         output = subprocess.PIPE if self.log is not None else subprocess.DEVNULL
@@ -75,8 +77,13 @@ class LocalCluster:
         )
         if self.log is not None and process.stdout is not None:
             prefix = f"[{node_id}]"
-            threading.Thread(target=pump, args=(process.stdout, prefix, self.log), daemon=True).start()
+            threading.Thread(
+                target=pump, args=(process.stdout, prefix, self.log), daemon=True
+            ).start()
         return Node(node_id, port, process)
+
+    def node(self, node_id: str) -> Node:
+        return next(node for node in self.members if node.node_id == node_id)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Wait until every node answers ``/readyz``; raise if one exits or time runs out."""
@@ -84,7 +91,9 @@ class LocalCluster:
         for node in self.members:
             while not ready(node.url):
                 if node.process.poll() is not None:
-                    raise RuntimeError(f"{node.node_id} exited with status {node.process.returncode}")
+                    raise RuntimeError(
+                        f"{node.node_id} exited with status {node.process.returncode}"
+                    )
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{node.node_id} was not ready within {timeout:.0f} s")
                 time.sleep(0.1)

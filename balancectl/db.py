@@ -73,7 +73,9 @@ class Database:
             async with self.pool.connection() as connection:
                 yield Session(connection)
         except (PoolTimeout, psycopg.OperationalError) as error:
-            raise Unavailable(f"the database could not be reached in time: {first_line(error)}") from error
+            raise Unavailable(
+                f"the database could not be reached in time: {first_line(error)}"
+            ) from error
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Session]:

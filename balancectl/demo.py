@@ -21,11 +21,13 @@ err = Console(stderr=True)
 def run_demo(
     database_url: str, nodes: int, base_port: int, requests: int, watch_seconds: float
 ) -> bool:
-    """Migrate, start ``nodes`` local nodes, run the burst across them, show the jobs; the verdict."""
+    """Migrate, start local nodes, run the burst across them, show the jobs; the verdict."""
     err.print("[bold]1.[/bold] migrating the database")
     migrations.upgrade(database_url)
     cluster = LocalCluster(database_url, nodes, base_port)
-    err.print(f"[bold]2.[/bold] starting {nodes} nodes on ports {base_port}..{base_port + nodes - 1}")
+    err.print(
+        f"[bold]2.[/bold] starting {nodes} nodes on ports {base_port}..{base_port + nodes - 1}"
+    )
     with cluster:
         cluster.wait_ready()
         err.print(f"[bold]3.[/bold] {requests} simultaneous debits of 2 across {nodes} nodes")

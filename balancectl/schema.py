@@ -23,7 +23,9 @@ ledger = sa.Table(
     sa.Column("amount", sa.BigInteger, nullable=False),
     sa.Column("balance_after", sa.BigInteger, nullable=False),
     sa.Column("idempotency_key", sa.Text, nullable=True),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column(
+        "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
     sa.Index("ledger_user_id", "user_id"),
 )
 
@@ -35,7 +37,9 @@ idempotency_keys = sa.Table(
     sa.Column("amount", sa.BigInteger, nullable=False),
     sa.Column("status_code", sa.Integer, nullable=True),
     sa.Column("response", postgresql.JSONB, nullable=True),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column(
+        "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
     sa.Index("idempotency_keys_created_at", "created_at"),
 )
 

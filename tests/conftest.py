@@ -132,3 +132,14 @@ def empty_database_url(server_url: str) -> Iterator[str]:
 def tcp_port() -> int:
     """A free TCP port on 127.0.0.1 (call ``free_port()`` for more than one)."""
     return free_port()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Keep each phase's report on the test item, so fixtures can print logs on failure."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    setattr(item, f"rep_{report.when}", report)
+
+
+pytest_plugins = ["tests.processes"]

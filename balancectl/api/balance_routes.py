@@ -86,7 +86,7 @@ def require_json(request: Request[Any, Any, Any]) -> None:
 async def change_balance(
     request: Request[Any, Any, Any],
     db: Database,
-    userId: Annotated[str, Parameter(description="A positive 64-bit integer")],  # noqa: N803
+    userId: Annotated[str, Parameter(description="A positive 64-bit integer")],
     idempotency_key: IdempotencyKey = None,
 ) -> Response[BalanceResult]:
     """Debit (amount < 0) or credit (amount > 0); the balance never goes below zero."""
@@ -111,6 +111,6 @@ def replayable(stored: balance.Response) -> Response[Any]:
     responses={404: problem_spec("No such user"), 422: problem_spec("Invalid userId")},
     summary="A user's balance",
 )
-async def get_user(db: Database, userId: str) -> UserBalance:  # noqa: N803
+async def get_user(db: Database, userId: str) -> UserBalance:
     uid = parse_user_id(userId)
     return UserBalance(userId=uid, balance=await balance.get_balance(db, uid))

@@ -19,13 +19,13 @@ class BalanceRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class BalanceResult(msgspec.Struct):
-    userId: int  # noqa: N815 - the contract's spelling
+    userId: int
     balance: int
     amount: int
 
 
 class UserBalance(msgspec.Struct):
-    userId: int  # noqa: N815
+    userId: int
     balance: int
 
 

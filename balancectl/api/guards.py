@@ -11,7 +11,9 @@ from litestar.handlers.base import BaseRouteHandler
 from balancectl.errors import Unauthorized
 
 
-async def require_token(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+async def require_token(
+    connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+) -> None:
     """When the node has an API token, demand ``Authorization: Bearer <token>`` (constant time)."""
     token: str | None = connection.app.state.api_token
     if token is None:

@@ -14,7 +14,9 @@ from balancectl.db import Database
 from balancectl.scheduler import listing
 
 
-@get("/jobs", summary="Every configured job: which node runs it and for how long, or when it is due")
+@get(
+    "/jobs", summary="Every configured job: which node runs it and for how long, or when it is due"
+)
 async def list_jobs(db: Database) -> JobsDocument:
     return msgspec.convert(await listing.jobs_document(db), JobsDocument)
 

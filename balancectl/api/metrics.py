@@ -69,4 +69,5 @@ class MetricsMiddleware(ASGIMiddleware):
         finally:
             metrics: Metrics = scope["litestar_app"].state.metrics
             route: Any = scope.get("path_template") or "unmatched"
-            metrics.observe(route, scope["method"], status, time.perf_counter() - started)
+            method = str(scope.get("method", "GET"))
+            metrics.observe(route, method, status, time.perf_counter() - started)

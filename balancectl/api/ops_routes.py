@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
 from litestar import Request, Response, get
 from litestar.datastructures import State
 
@@ -24,14 +25,17 @@ async def healthz() -> dict[str, str]:
     responses={503: problem_spec("Not ready")},
 )
 async def readyz(db: Database, state: State) -> dict[str, str]:
-    row = await db.fetch_one("schema_revision")
+    try:
+        row = await db.fetch_one("schema_revision")
+    except psycopg.errors.UndefinedTable:
+        row = None
     revision = None if row is None else str(row["version_num"])
     if revision != state.head_revision:
         raise Unavailable(
             f"the schema is at {revision}, this node needs {state.head_revision}",
             revision=revision,
         )
-    return {"status": "ready", "revision": revision}
+    return {"status": "ready", "revision": str(revision)}
 
 
 @get("/metrics", summary="Prometheus text format", media_type="text/plain; version=0.0.4")

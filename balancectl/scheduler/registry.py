@@ -39,11 +39,11 @@ class JobSpec:
 def parse_duration(value: object, where: str) -> float:
     """``"90s"``, ``"3m"``, ``"1h"``, ``"250ms"`` or a number of seconds."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ConfigError(f"{where}: expected a duration like \"90s\" or seconds, got {value!r}")
+        raise ConfigError(f'{where}: expected a duration like "90s" or seconds, got {value!r}')
     if isinstance(value, str):
         match = _DURATION.match(value)
         if match is None:
-            raise ConfigError(f"{where}: {value!r} is not a duration like \"90s\", \"3m\", \"1h\"")
+            raise ConfigError(f'{where}: {value!r} is not a duration like "90s", "3m", "1h"')
         return float(match.group(1)) * _UNITS[match.group(2)]
     return float(value)
 

@@ -164,7 +164,9 @@ class Scheduler:
         )
         if self.runs.get(run.claim.job) is run:
             del self.runs[run.claim.job]
-        log.info("%s (token %d) ended %s; recorded %s", run.claim.job, run.claim.token, status, written)
+        log.info(
+            "%s (token %d) ended %s; recorded %s", run.claim.job, run.claim.token, status, written
+        )
 
     async def _renew_loop(self) -> None:
         while await self._pause(self.settings.renew_every):
