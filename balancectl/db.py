@@ -6,6 +6,7 @@ cannot be reached in time surfaces as the domain error ``Unavailable``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,6 +20,7 @@ from balancectl.errors import Unavailable
 from balancectl.queries import query
 
 Row = dict[str, Any]
+FAILING_WAIT = 1.0  # seconds a request waits for a connection while the database fails
 Params = Mapping[str, Any]
 
 
@@ -59,6 +61,7 @@ class Database:
             name=name,
             open=False,
         )
+        self._failing_since: float | None = None
 
     async def open(self, *, wait: bool = False) -> None:
         await self.pool.open(wait=wait, timeout=self.settings.timeout)
@@ -68,14 +71,25 @@ class Database:
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[Session]:
-        """One pooled connection in autocommit mode: each statement is its own transaction."""
+        """One pooled connection in autocommit mode: each statement is its own transaction.
+
+        While the database is failing, waits for a connection are cut short, so
+        requests answer 503 at once instead of queueing for the full timeout.
+        """
         try:
-            async with self.pool.connection() as connection:
+            async with self.pool.connection(timeout=self._wait()) as connection:
                 yield Session(connection)
         except (PoolTimeout, psycopg.OperationalError) as error:
+            self._failing_since = self._failing_since or time.monotonic()
             raise Unavailable(
                 f"the database could not be reached in time: {first_line(error)}"
             ) from error
+        self._failing_since = None
+
+    def _wait(self) -> float:
+        if self._failing_since is None:
+            return self.settings.timeout
+        return min(self.settings.timeout, FAILING_WAIT)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Session]:
