@@ -159,7 +159,7 @@ def up(
     with terminate_on_sigterm():
         try:
             cluster.start()
-            cluster.wait_ready()
+            cluster.wait_ready(timeout=180)
             err.print(f"{nodes} nodes up: {', '.join(cluster.urls)} (Ctrl-C stops them)")
             while all(node.process.poll() is None for node in cluster.members):
                 time.sleep(0.5)

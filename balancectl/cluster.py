@@ -23,6 +23,14 @@ class Node:
     node_id: str
     port: int
     process: subprocess.Popen[bytes]
+    pump: threading.Thread | None = None
+
+    def reap(self) -> None:
+        """After the process ended: finish copying its output and close the pipe."""
+        if self.pump is not None:
+            self.pump.join(timeout=5)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
 
     @property
     def url(self) -> str:
@@ -75,12 +83,12 @@ class LocalCluster:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
+        node = Node(node_id, port, process)
         if self.log is not None and process.stdout is not None:
-            prefix = f"[{node_id}]"
-            threading.Thread(
-                target=pump, args=(process.stdout, prefix, self.log), daemon=True
-            ).start()
-        return Node(node_id, port, process)
+            args = (process.stdout, f"[{node_id}]", self.log)
+            node.pump = threading.Thread(target=pump, args=args, daemon=True)
+            node.pump.start()
+        return node
 
     def node(self, node_id: str) -> Node:
         return next(node for node in self.members if node.node_id == node_id)
@@ -110,6 +118,7 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 node.process.kill()
                 node.process.wait()
+            node.reap()
 
     def __enter__(self) -> LocalCluster:
         self.start()

@@ -47,7 +47,7 @@ def parse_amount(body: bytes) -> int:
         amount = msgspec.json.decode(body, type=BalanceRequest).amount
     except msgspec.ValidationError as error:
         raise InvalidRequest(f"invalid body: {error}") from error
-    except msgspec.DecodeError as error:
+    except (msgspec.DecodeError, UnicodeDecodeError) as error:
         raise InvalidRequest(f"the body is not valid JSON: {error}") from error
     if amount == 0 or abs(amount) > MAX_AMOUNT:
         raise InvalidRequest(f"amount must be a non-zero integer within ±10^12, not {amount}")

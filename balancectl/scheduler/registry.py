@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import re
 import tomllib
 from collections.abc import Awaitable, Callable
@@ -45,6 +46,9 @@ def parse_duration(value: object, where: str) -> float:
         if match is None:
             raise ConfigError(f'{where}: {value!r} is not a duration like "90s", "3m", "1h"')
         return float(match.group(1)) * _UNITS[match.group(2)]
+    if not math.isfinite(value):
+        # TOML allows inf and nan; the database cannot add them to a time.
+        raise ConfigError(f"{where}: expected a finite number of seconds, got {value!r}")
     return float(value)
 
 
@@ -78,6 +82,8 @@ def parse_job(entry: object, index: int) -> JobSpec:
     min_duration = parse_duration(
         entry.get("min_duration", DEFAULT_MIN_DURATION), f"{label}: field 'min_duration'"
     )
+    if min_duration < 0:
+        raise ConfigError(f"{label}: field 'min_duration' must not be negative")
     call = import_function(function, f"{label}: field 'function'")
     return JobSpec(name, function, interval, min_duration, call)
 
