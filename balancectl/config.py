@@ -19,6 +19,8 @@ class PoolSettings:
     timeout: float = 30.0
     max_waiting: int = 20000
     prepared_statements: bool = True
+    # One statement never takes this long unless the link is cut; then: 503, not a hang.
+    statement_timeout: float = 10.0
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ cannot be reached in time surfaces as the domain error ``Unavailable``.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -25,24 +26,40 @@ Params = Mapping[str, Any]
 
 
 class Session:
-    """Named queries on one connection (autocommit, or inside ``Database.transaction``)."""
+    """Named queries on one connection (autocommit, or inside ``Database.transaction``).
 
-    def __init__(self, connection: psycopg.AsyncConnection[Row]) -> None:
-        self._connection = connection
+    Each statement has a deadline: a connection that stops answering (a cut link)
+    gives ``Unavailable`` in time instead of a hang; the query is cancelled behind.
+    """
+
+    def __init__(self, connection: psycopg.AsyncConnection[Row], deadline: float) -> None:
+        self._connection, self._deadline = connection, deadline
 
     async def fetch_one(self, name: str, params: Params | None = None) -> Row | None:
-        cursor = await self._connection.execute(query(name), params)
+        cursor = await self._execute(name, params)
         return await cursor.fetchone()
 
     async def fetch_all(
         self, name: str, params: Params | None = None, *, prepare: bool | None = None
     ) -> list[Row]:
-        cursor = await self._connection.execute(query(name), params, prepare=prepare)
+        cursor = await self._execute(name, params, prepare)
         return await cursor.fetchall()
 
     async def execute(self, name: str, params: Params | None = None) -> int:
-        cursor = await self._connection.execute(query(name), params)
+        cursor = await self._execute(name, params)
         return cursor.rowcount
+
+    async def _execute(
+        self, name: str, params: Params | None, prepare: bool | None = None
+    ) -> psycopg.AsyncCursor[Row]:
+        running = asyncio.ensure_future(
+            self._connection.execute(query(name), params, prepare=prepare)
+        )
+        done, _ = await asyncio.wait({running}, timeout=self._deadline)
+        if not done:
+            running.cancel()  # psycopg cancels the query server-side, in the background
+            raise Unavailable(f"the database did not answer within {self._deadline:g} s")
+        return running.result()
 
 
 class Database:
@@ -78,7 +95,7 @@ class Database:
         """
         try:
             async with self.pool.connection(timeout=self._wait()) as connection:
-                yield Session(connection)
+                yield Session(connection, self.settings.statement_timeout)
         except (PoolTimeout, psycopg.OperationalError) as error:
             self._failing_since = self._failing_since or time.monotonic()
             raise Unavailable(

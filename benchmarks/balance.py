@@ -189,6 +189,15 @@ class Setup:
         return f"{self.nodes} node{'s' if self.nodes > 1 else ''}, pool {self.pool_size}"
 
 
+# 1 node at each pool size; 5 nodes at the default and at 5 (half the connections on the row).
+SETUPS = list(
+    dict.fromkeys(
+        [Setup(1, size) for size in POOL_SIZES]
+        + [Setup(CLUSTER_NODES, 5), Setup(CLUSTER_NODES, DEFAULT_POOL)]
+    )
+)
+
+
 def free_base_port(count: int, start: int = 21000) -> int:
     """The first of ``count`` consecutive loopback ports that are free now."""
     for base in range(start, 60000, count + 5):
@@ -314,9 +323,8 @@ def measure_sustained(options: Options, database_url: str, setup: Setup) -> Sust
 
 def sustained_sweep(options: Options, database_url: str) -> dict[Setup, list[Sustained]]:
     """Every setup once per round; rounds alternate the order so drift hits all alike."""
-    setups = [Setup(1, size) for size in POOL_SIZES] + [Setup(CLUSTER_NODES, DEFAULT_POOL)]
-    results: dict[Setup, list[Sustained]] = {setup: [] for setup in setups}
-    for index, ordered in enumerate(alternating(setups, options.rounds)):
+    results: dict[Setup, list[Sustained]] = {setup: [] for setup in SETUPS}
+    for index, ordered in enumerate(alternating(SETUPS, options.rounds)):
         log(f"sustained, round {index + 1}/{options.rounds}")
         for setup in ordered:
             results[setup].append(measure_sustained(options, database_url, setup))
@@ -371,7 +379,7 @@ def run_pgbench(database_url: str, script: Path, clients: int, seconds: int) -> 
 
 def ceiling_sweep(options: Options, database_url: str) -> dict[int, list[Ceiling]]:
     """pgbench at each client count the setups' pools add up to, interleaved over rounds."""
-    counts = sorted({*POOL_SIZES, CLUSTER_NODES * DEFAULT_POOL})
+    counts = sorted({1, *(setup.pool_connections for setup in SETUPS)})
     results: dict[int, list[Ceiling]] = {count: [] for count in counts}
     with tempfile.TemporaryDirectory(prefix="balancectl-bench-") as folder:
         script = Path(folder) / "change_balance.sql"
@@ -576,6 +584,10 @@ class Report:
     def ceiling_tps(self, clients: int) -> float | None:
         return mean([c.tps for c in self.ceiling.get(clients, [])])
 
+    def peak_ceiling(self) -> float | None:
+        """The best pgbench figure at any client count: more clients on one row is not more."""
+        return max(filter(None, map(self.ceiling_tps, self.ceiling)), default=None)
+
     def route_per_second(self, setup: Setup) -> float | None:
         return mean([s.per_second for s in self.sustained.get(setup, [])])
 
@@ -591,15 +603,17 @@ def spread(values: Sequence[float | None]) -> str:
 
 def ceiling_table(report: Report) -> list[str]:
     rows = [
-        "| pgbench clients | tps (mean) | range | latency avg ms | failed |",
-        "|---|---|---|---|---|",
+        "| pgbench clients | tps (mean) | range | latency avg ms | failed | vs peak |",
+        "|---|---|---|---|---|---|",
     ]
+    peak = report.peak_ceiling()
     for clients, runs in report.ceiling.items():
         latency = mean([r.latency_ms for r in runs])
         failed = sum(r.failed or 0 for r in runs)
         tps = [r.tps for r in runs]
         rows.append(
-            f"| {clients} | {fmt(mean(tps))} | {spread(tps)} | {fmt(latency, '.2f')} | {failed} |"
+            f"| {clients} | {fmt(mean(tps))} | {spread(tps)} | {fmt(latency, '.2f')} | {failed} "
+            f"| {fmt(ratio(mean(tps), peak), '.2f')} |"
         )
     return rows
 
@@ -607,6 +621,7 @@ def ceiling_table(report: Report) -> list[str]:
 def sustained_rows(report: Report) -> list[dict[str, Any]]:
     """Each setup's mean throughput, over its pgbench ceiling and over 1 node at the default."""
     baseline = report.route_per_second(Setup(1, DEFAULT_POOL))
+    peak = report.peak_ceiling()
     rows = []
     for setup, runs in report.sustained.items():
         value = report.route_per_second(setup)
@@ -617,6 +632,7 @@ def sustained_rows(report: Report) -> list[dict[str, Any]]:
             "runs": [r.per_second for r in runs], "errors": sum(r.errors for r in runs),
             "p50_ms": mean([r.p50_ms for r in runs]), "p99_ms": mean([r.p99_ms for r in runs]),
             "ceiling_tps": ceiling, "ratio_to_ceiling": ratio(value, ceiling),
+            "ratio_to_peak_ceiling": ratio(value, peak),
             "ratio_to_default_1_node": ratio(value, baseline),
         })  # fmt: skip
     return rows
@@ -625,16 +641,17 @@ def sustained_rows(report: Report) -> list[dict[str, Any]]:
 def sustained_table(report: Report) -> list[str]:
     rows = [
         "| setup (wrk, 50 conns) | route req/s | range | errors | p50 / p99 ms "
-        "| ceiling tps (pgbench -c) | route / ceiling | vs 1 node pool "
-        f"{DEFAULT_POOL} |",
-        "|---|---|---|---|---|---|---|---|",
+        "| ceiling tps (pgbench -c) | route / ceiling | route / peak ceiling "
+        f"| vs 1 node pool {DEFAULT_POOL} |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sustained_rows(report):
         rows.append(
             f"| {r['setup']} | {fmt(r['route_per_second'])} | {spread(r['runs'])} "
             f"| {r['errors']} | {fmt(r['p50_ms'], '.1f')} / {fmt(r['p99_ms'], '.1f')} "
             f"| {fmt(r['ceiling_tps'])} (-c {r['pgbench_clients']}) "
-            f"| {fmt(r['ratio_to_ceiling'], '.2f')} | {fmt(r['ratio_to_default_1_node'], '.2f')} |"
+            f"| {fmt(r['ratio_to_ceiling'], '.2f')} | {fmt(r['ratio_to_peak_ceiling'], '.2f')} "
+            f"| {fmt(r['ratio_to_default_1_node'], '.2f')} |"
         )
     return rows
 
@@ -725,6 +742,7 @@ def report_json(report: Report, elapsed: float) -> dict[str, Any]:
         "elapsed_seconds": elapsed,
         "ceiling": {str(k): [asdict(c) for c in v] for k, v in report.ceiling.items()},
         "ceiling_tps_mean": {str(k): report.ceiling_tps(k) for k in report.ceiling},
+        "ceiling_tps_peak": report.peak_ceiling(),
         "sustained": sustained_rows(report),
         "data_access": access_rows(report),
         "bursts": burst_rows(report),
@@ -757,7 +775,6 @@ def machine(options: Options, server_url: str, free: int) -> dict[str, Any]:
         "python": platform.python_version(),
         "postgres": dict(settings),
         "free_connections_at_start": free,
-        "load_average_at_start": os.getloadavg(),
         "packages": {p: metadata.version(p) for p in packages if has_distribution(p)},
         "wrk": tool_version(["wrk", "--version"]),
         "pgbench": tool_version(["pgbench", "--version"]),
@@ -798,15 +815,23 @@ def any_on_path(tool: str) -> bool:
 
 
 def run(options: Options, report: Report, database_url: str) -> None:
-    log("ceiling: pgbench")
+    phase(report, "ceiling: pgbench")
     report.ceiling = ceiling_sweep(options, database_url)
-    log("data-access path: in-process")
+    phase(report, "data-access path: in-process")
     report.access = run_in_process(options, database_url)
-    log("sustained: wrk")
+    phase(report, "sustained: wrk")
     report.sustained = sustained_sweep(options, database_url)
-    log("burst: loadtest")
+    phase(report, "burst: loadtest")
     report.bursts = [measure_burst(options, database_url, n) for n in (1, CLUSTER_NODES)]
+    phase(report, "end")
     report.checks = ledger_checks(database_url)
+
+
+def phase(report: Report, name: str) -> None:
+    """Log the phase; keep the load average at its start (other work on the machine shows)."""
+    load = os.getloadavg()
+    report.machine.setdefault("load_average_1_5_15", {})[name] = load
+    log(f"{name} (load average {load[0]:.2f})")
 
 
 def write_results(report: Report, elapsed: float) -> Path:
@@ -830,14 +855,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     options = parse_options(argv)
     require_tools()
     interrupt_on_sigterm()
-    needed = CLUSTER_NODES * DEFAULT_POOL + HEADROOM_MARGIN
+    needed = max(setup.pool_connections for setup in SETUPS) + HEADROOM_MARGIN
     free = await_connections(options.database_url, needed, options.wait_for_connections)
     report = Report(machine(options, options.database_url, free))
     began = time.monotonic()
     with scratch_database(options.database_url) as database_url:
         run(options, report, database_url)
     elapsed = time.monotonic() - began
-    report.machine["load_average_at_end"] = os.getloadavg()
     path = write_results(report, elapsed)
     print(markdown(report))
     log(f"wrote {path} ({elapsed:.0f} s)")

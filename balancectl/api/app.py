@@ -28,6 +28,7 @@ def scheduler_pool(settings: NodeSettings) -> PoolSettings:
         min_size=1,
         max_size=3,
         timeout=settings.scheduler.renew_every,
+        statement_timeout=settings.scheduler.renew_every,
         max_waiting=100,
     )
 

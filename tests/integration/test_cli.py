@@ -19,8 +19,9 @@ from tests.processes import ClusterFactory
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def balancectl(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
-               cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def balancectl(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "balancectl", *args],
         capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},

@@ -1,0 +1,119 @@
+"""Fault injection for tests: a TCP proxy on loopback whose link can be cut.
+
+A node reaches PostgreSQL through ``TcpProxy``; ``cut("reject")`` resets every open
+connection and refuses new ones (a firewall REJECT rule), ``cut("drop")`` keeps
+connections open but forwards nothing and leaves new ones hanging (a DROP rule, or a
+pulled cable); ``restore()`` lets traffic flow again. It runs its own event loop in a
+thread, so it works beside both synchronous and asynchronous tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+
+
+class TcpProxy:
+    """Forward ``127.0.0.1:<port>`` to ``target``; ``cut`` and ``restore`` the link."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.mode: str | None = None  # None (flowing), "reject" or "drop"
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.Server | None = None
+
+    def start(self) -> TcpProxy:
+        self._thread.start()
+        self._server = self._call(self._listen())
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self
+
+    def stop(self) -> None:
+        self._call(self._close_all())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
+
+    def cut(self, mode: str = "reject") -> None:
+        assert mode in ("reject", "drop")
+        self.mode = mode
+        if mode == "reject":
+            self._call(self._reset_all())
+
+    def restore(self) -> None:
+        self.mode = None
+
+    def _call(self, coroutine: object) -> object:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(10)  # type: ignore[arg-type]
+
+    async def _listen(self) -> asyncio.Server:
+        return await asyncio.start_server(self._accept, "127.0.0.1", 0)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.mode == "reject":
+            abort(writer)
+            return
+        while self.mode == "drop":  # a new connection hangs, unanswered
+            await asyncio.sleep(0.05)
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            abort(writer)
+            return
+        self._writers |= {writer, up_writer}
+        await asyncio.gather(
+            self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
+        )
+        self._writers -= {writer, up_writer}
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                while self.mode == "drop":  # held, never delivered while cut
+                    await asyncio.sleep(0.05)
+                if self.mode == "reject":
+                    break
+                writer.write(data)
+                await writer.drain()
+        finally:
+            abort(writer)
+
+    async def _reset_all(self) -> None:
+        for writer in list(self._writers):
+            abort(writer)
+
+    async def _close_all(self) -> None:
+        await self._reset_all()
+        if self._server is not None:
+            self._server.close()
+        current = asyncio.current_task()
+        pending = [task for task in asyncio.all_tasks() if task is not current]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+def abort(writer: asyncio.StreamWriter) -> None:
+    """Close with a TCP reset (SO_LINGER 0), as a REJECT rule would."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
+    writer.transport.abort()
+
+
+@contextlib.contextmanager
+def proxied(target_host: str, target_port: int) -> Iterator[TcpProxy]:
+    proxy = TcpProxy(target_host, target_port).start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()

@@ -1,0 +1,61 @@
+"""Five nodes started together share the due jobs evenly in the first round.
+
+Each node claims only while it runs no more jobs than the least loaded live node, after
+a settle delay that lets every node of a cold start register first. With J due jobs and
+5 nodes, every node must run floor(J/5) or ceil(J/5) of them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_scheduler_history import (
+    POLL,
+    assert_listing_agrees,
+    jobs_listing,
+    wait_for,
+    write_jobs,
+)
+from tests.processes import ClusterFactory, http_json, node_args
+
+NODES = 5
+TRIALS = 2
+
+
+@pytest.mark.parametrize("trial", range(1, TRIALS + 1))
+@pytest.mark.parametrize("job_count", [5, 7, 10])
+def test_nodes_started_together_share_the_jobs_evenly(
+    cluster_factory: ClusterFactory, tmp_path: Path, job_count: int, trial: int
+) -> None:
+    names = [f"job-{number:02d}" for number in range(1, job_count + 1)]
+    # min_duration outlasts the whole first round, so no job runs twice before we count.
+    jobs = write_jobs(tmp_path / "jobs.toml", names, min_duration="8s", interval="60s")
+    cluster = cluster_factory(NODES, *node_args(jobs_file=jobs, lease_ttl=3, poll=POLL))
+    observer = cluster.members[0]
+
+    def all_running() -> dict[str, dict[str, object]] | None:
+        listing = jobs_listing(observer)
+        return listing if all(job["state"] == "running" for job in listing.values()) else None
+
+    listing = wait_for(f"all {job_count} jobs to run", all_running, timeout=30)
+    per_node = Counter(str(job["node"]) for job in listing.values())
+    counts = {node.node_id: per_node.get(node.node_id, 0) for node in cluster.members}
+    print(f"J={job_count} trial {trial}: {counts}; start skew {start_skew(observer.url):.2f} s")
+
+    assert all(job["last_run"] is None for job in listing.values()), "not the first round"
+    assert sum(counts.values()) == job_count
+    fair = {job_count // NODES, -(-job_count // NODES)}
+    assert set(counts.values()) <= fair, f"uneven first round: {counts}"
+    assert_listing_agrees(cluster, names)
+
+
+def start_skew(url: str) -> float:
+    """Seconds between the first and the last node's registration (``GET /nodes``)."""
+    status, body = http_json(f"{url}/nodes")
+    assert status == 200, body
+    starts = [datetime.fromisoformat(node["started_at"]) for node in body["nodes"]]
+    return (max(starts) - min(starts)).total_seconds()
