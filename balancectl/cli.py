@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
 from balancectl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from balancectl.loadtest import LoadtestConfig
 
 app = typer.Typer(
     help="An exact balance service and a masterless cluster scheduler on PostgreSQL.",
@@ -170,21 +176,18 @@ def up(
             cluster.stop()
 
 
-class terminate_on_sigterm:
+@contextmanager
+def terminate_on_sigterm() -> Iterator[None]:
     """Turn SIGTERM into KeyboardInterrupt for the launcher, so both stop the nodes."""
 
-    def __enter__(self) -> None:
-        import signal
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
 
-        def interrupt(*_: object) -> None:
-            raise KeyboardInterrupt
-
-        self.previous = signal.signal(signal.SIGTERM, interrupt)
-
-    def __exit__(self, *_: object) -> None:
-        import signal
-
-        signal.signal(signal.SIGTERM, self.previous)
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @app.command()
@@ -227,16 +230,10 @@ def loadtest(
         raise typer.Exit(1)
 
 
-def run_and_report(config: object, json_out: Path | None) -> bool:
-    from balancectl.loadtest import (
-        LoadtestConfig,
-        LoadtestError,
-        build_verdict_table,
-        report_json,
-        run_loadtest,
-    )
+def run_and_report(config: LoadtestConfig, json_out: Path | None) -> bool:
+    """Run the load test, print its verdict table (and JSON); whether it passed."""
+    from balancectl.loadtest import LoadtestError, build_verdict_table, report_json, run_loadtest
 
-    assert isinstance(config, LoadtestConfig)
     try:
         report = asyncio.run(run_loadtest(config))
     except LoadtestError as error:
@@ -278,7 +275,7 @@ def jobs(
             pass
 
 
-def jobs_source(url: str | None, database_url: str | None):  # type: ignore[no-untyped-def]
+def jobs_source(url: str | None, database_url: str | None) -> Callable[[], dict[str, Any]]:
     """A function returning the ``GET /jobs`` document, from a node or the database."""
     from balancectl.jobs_view import fetch_jobs
 
@@ -290,7 +287,7 @@ def jobs_source(url: str | None, database_url: str | None):  # type: ignore[no-u
 
     resolved = resolve_database_url(database_url)
 
-    async def read() -> dict[str, object]:
+    async def read() -> dict[str, Any]:
         db = Database(resolved, PoolSettings(min_size=1, max_size=1))
         await db.open(wait=True)
         try:

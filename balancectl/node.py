@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import resource
 import socket
 import sys
 import time
@@ -17,6 +16,7 @@ from balancectl import migrations
 from balancectl.api import create_app
 from balancectl.config import NodeSettings
 from balancectl.errors import ConfigError
+from balancectl.limits import raise_open_files_limit
 from balancectl.scheduler import JobSpec
 
 log = logging.getLogger("balancectl.node")
@@ -30,14 +30,6 @@ def configure_logging(node_id: str, level: str = "INFO") -> None:
         format=f"%(asctime)s %(levelname)s {node_id} %(name)s: %(message)s",
         force=True,
     )
-
-
-def raise_open_files_limit() -> int:
-    """Lift the soft limit on open files to the hard one; a burst holds a socket per client."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
 
 
 def migrate_when_reachable(database_url: str, wait: float) -> None:

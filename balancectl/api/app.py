@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
 
 from litestar import Litestar
@@ -42,7 +42,11 @@ async def opened(db: Database) -> AsyncIterator[Database]:
         await db.close()
 
 
-def lifespan(settings: NodeSettings, specs: Sequence[JobSpec]):  # type: ignore[no-untyped-def]
+def lifespan(
+    settings: NodeSettings, specs: Sequence[JobSpec]
+) -> Callable[[Litestar], AbstractAsyncContextManager[None]]:
+    """Open the request pool, then (unless disabled) run the scheduler, for the app's life."""
+
     @asynccontextmanager
     async def resources(app: Litestar) -> AsyncIterator[None]:
         async with opened(Database(settings.database_url, settings.pool, name="api")) as db:
