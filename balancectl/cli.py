@@ -321,5 +321,5 @@ def main() -> None:
     try:
         app()
     except ConfigError as error:
-        err.print(f"balancectl: {error}", highlight=False, markup=False)
+        err.print(f"balancectl: {error}", highlight=False, markup=False, soft_wrap=True)
         raise SystemExit(2) from None

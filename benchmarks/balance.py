@@ -6,11 +6,14 @@ Measures, against baselines taken in the same run (see benchmarks/README.md):
 
 - the ceiling: the route's SQL statement driven by ``pgbench -M prepared`` at the client
   counts the nodes' pools would open;
-- the data-access path: raw psycopg (``balancectl.db.Database``) versus SQLAlchemy Core,
-  in-process, the same statement, sequential and concurrent;
+- the data-access path: raw psycopg (``balancectl.db.Database``, and the bare pool) versus
+  SQLAlchemy Core, in-process, the same statement, sequential and concurrent;
 - sustained throughput of ``POST /users/1/balance`` under ``wrk`` (keep-alive credits)
-  against 1 node at pool sizes 2, 5, 10, 20 and against 5 nodes at the default pool;
+  against 1 node at pool sizes 2, 5, 10, 20 and against 5 nodes at pool 5 and 10;
 - the 10,000-request burst of ``balancectl loadtest`` against 1 and 5 nodes.
+
+Before each measurement it waits (a bounded time) for free server connections and for
+other work on the machine to calm down, and records the CPU share that work still used.
 
 Writes ``benchmarks/results/<timestamp>.json`` and prints markdown tables on stdout;
 progress goes to stderr. Every node, wrk and pgbench it starts is stopped, and the scratch
@@ -34,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -47,13 +50,14 @@ sys.path.insert(0, str(REPO))
 
 import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
+from psycopg_pool import AsyncConnectionPool  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine  # noqa: E402
 
 from balancectl import migrations  # noqa: E402
 from balancectl.cluster import LocalCluster  # noqa: E402
 from balancectl.config import PoolSettings  # noqa: E402
-from balancectl.db import Database  # noqa: E402
+from balancectl.db import Database, Row, connection_kwargs  # noqa: E402
 from balancectl.loadtest import LoadtestConfig, LoadtestReport, run_loadtest  # noqa: E402
 from balancectl.queries import query  # noqa: E402
 
@@ -91,6 +95,8 @@ class Options:
     requests: int = 10000
     statements: int = 5000
     wait_for_connections: float = 300.0
+    quiet: float = 0.25
+    wait_for_quiet: float = 60.0
 
 
 def parse_options(argv: Sequence[str] | None = None) -> Options:
@@ -110,6 +116,18 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         type=float,
         default=300.0,
         help="seconds to wait for enough free server connections before giving up",
+    )
+    parser.add_argument(
+        "--quiet",
+        type=float,
+        default=0.25,
+        help="before each measurement, wait for other work to use at most this share of the CPUs",
+    )
+    parser.add_argument(
+        "--wait-for-quiet",
+        type=float,
+        default=60.0,
+        help="seconds to wait for that before measuring anyway (the share is recorded)",
     )
     args = parser.parse_args(argv)
     if not args.database_url:
@@ -168,6 +186,42 @@ def await_connections(url: str, needed: int, patience: float) -> int:
         log(f"waiting for free connections: {free} free, {needed} needed")
         time.sleep(5)
     return free
+
+
+# --- a quiet machine ---------------------------------------------------------------------
+
+
+def cpu_times() -> tuple[int, int] | None:
+    """Busy and total jiffies of all CPUs since boot (Linux); None elsewhere."""
+    try:
+        first = Path("/proc/stat").read_text(encoding="ascii").split("\n", 1)[0]
+    except OSError:
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = map(int, first.split()[1:9])
+    busy = user + nice + system + irq + softirq + steal
+    return busy, busy + idle + iowait
+
+
+def busy_share(seconds: float = 1.0) -> float | None:
+    """The share of all CPUs that was busy over the next ``seconds``."""
+    before = cpu_times()
+    time.sleep(seconds)
+    after = cpu_times()
+    if before is None or after is None or after[1] == before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
+def await_quiet(options: Options, database_url: str, connections: int) -> float | None:
+    """Before a measurement, with nothing of ours running: free connections, and (for at
+    most ``wait_for_quiet`` s) other work below ``quiet``; the busy share last seen."""
+    await_connections(database_url, connections + HEADROOM_MARGIN, options.wait_for_connections)
+    deadline = time.monotonic() + options.wait_for_quiet
+    busy = busy_share()
+    while busy is not None and busy > options.quiet and time.monotonic() < deadline:
+        log(f"  waiting for a quieter machine: other work uses {busy:.0%} of the CPUs")
+        busy = busy_share(2.0)
+    return busy
 
 
 # --- nodes ----------------------------------------------------------------------------------
@@ -253,8 +307,10 @@ def wrk_command(url: str, connections: int, threads: int, seconds: int) -> list[
 
 
 def parse_wrk(output: str) -> WrkRun:
-    line = next(x for x in output.splitlines() if x.startswith("BENCH_JSON "))
-    data = json.loads(line.removeprefix("BENCH_JSON "))
+    lines = [x for x in output.splitlines() if x.startswith("BENCH_JSON ")]
+    if not lines:
+        raise RuntimeError(f"wrk gave no summary:\n{output}")
+    data = json.loads(lines[0].removeprefix("BENCH_JSON "))
     errors = sum(data[k] for k in ("connect", "read", "write", "status", "timeout"))
     return WrkRun(
         requests=data["requests"],
@@ -296,13 +352,14 @@ class Sustained:
     errors: int
     p50_ms: float
     p99_ms: float
+    background_cpu: float | None
 
     @property
     def per_second(self) -> float:
         return self.requests / self.seconds
 
     @classmethod
-    def combine(cls, runs: Sequence[WrkRun]) -> Sustained:
+    def combine(cls, runs: Sequence[WrkRun], background_cpu: float | None) -> Sustained:
         # Latency of several wrk processes cannot be merged: report the worst node's.
         return cls(
             requests=sum(r.requests for r in runs),
@@ -310,13 +367,15 @@ class Sustained:
             errors=sum(r.errors for r in runs),
             p50_ms=max(r.p50_ms for r in runs),
             p99_ms=max(r.p99_ms for r in runs),
+            background_cpu=background_cpu,
         )
 
 
 def measure_sustained(options: Options, database_url: str, setup: Setup) -> Sustained:
+    background = await_quiet(options, database_url, setup.pool_connections)
     with running_nodes(database_url, setup) as urls:
         run_wrk(urls, options.warmup)  # fills the pools and prepares the statement
-        result = Sustained.combine(run_wrk(urls, options.duration))
+        result = Sustained.combine(run_wrk(urls, options.duration), background)
     log(f"  {setup.label}: {result.per_second:,.0f} req/s, {result.errors} errors")
     return result
 
@@ -354,6 +413,7 @@ class Ceiling:
     latency_ms: float | None
     failed: int | None
     error: str | None = None
+    background_cpu: float | None = None
 
 
 def run_pgbench(database_url: str, script: Path, clients: int, seconds: int) -> Ceiling:
@@ -364,7 +424,7 @@ def run_pgbench(database_url: str, script: Path, clients: int, seconds: int) -> 
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 120)
     tps = re.search(r"^tps = ([\d.]+)", done.stdout, re.MULTILINE)
     if done.returncode != 0 or tps is None:
-        error = (done.stderr.strip().splitlines() or ["pgbench failed"])[-1]
+        error = " / ".join(done.stderr.strip().splitlines()[-2:]) or "pgbench failed"
         log(f"  pgbench -c {clients} failed: {error}")
         return Ceiling(clients, None, None, None, error)
     latency = re.search(r"^latency average = ([\d.]+) ms", done.stdout, re.MULTILINE)
@@ -387,17 +447,31 @@ def ceiling_sweep(options: Options, database_url: str) -> dict[int, list[Ceiling
         for index, ordered in enumerate(alternating(counts, options.rounds)):
             log(f"ceiling (pgbench), round {index + 1}/{options.rounds}")
             for clients in ordered:
-                run = run_pgbench(database_url, script, clients, options.duration)
-                if run.tps is not None:
-                    log(f"  -c {clients}: {run.tps:,.0f} tps")
-                results[clients].append(run)
+                results[clients].append(measure_ceiling(options, database_url, script, clients))
     return results
+
+
+def measure_ceiling(options: Options, database_url: str, script: Path, clients: int) -> Ceiling:
+    """One pgbench run; again (3 tries) when other clients took the connections it needed."""
+    for _ in range(3):
+        background = await_quiet(options, database_url, clients)
+        run = run_pgbench(database_url, script, clients, options.duration)
+        if run.error is None or "too many clients" not in run.error:
+            break
+    if run.tps is not None:
+        log(f"  -c {clients}: {run.tps:,.0f} tps")
+    return replace(run, background_cpu=background)
 
 
 # --- in-process: psycopg versus SQLAlchemy Core ---------------------------------------------
 
 IN_PROCESS_POOL = DEFAULT_POOL
-PATHS = ("psycopg (Database)", "SQLAlchemy Core, autocommit", "SQLAlchemy Core, engine.begin()")
+PATHS = (
+    "psycopg, Database class",
+    "psycopg pool, bare",
+    "SQLAlchemy Core, autocommit",
+    "SQLAlchemy Core, engine.begin()",
+)
 
 
 def sqlalchemy_url(url: str) -> str:
@@ -413,21 +487,38 @@ def sqlalchemy_statement(statement: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def psycopg_path() -> AsyncIterator[Callable[[str], Awaitable[Execute]]]:
-    databases: list[Database] = []
+async def database_path(url: str) -> AsyncIterator[Execute]:
+    """The route's own path: ``Database.fetch_one`` (pool, statement deadline, errors)."""
+    db = Database(url, PoolSettings(min_size=IN_PROCESS_POOL, max_size=IN_PROCESS_POOL))
+    await db.open(wait=True)
+    try:
+        yield lambda: db.fetch_one(STATEMENT, CREDIT)
+    finally:
+        await db.close()
 
-    async def opened(url: str) -> Execute:
-        settings = PoolSettings(min_size=IN_PROCESS_POOL, max_size=IN_PROCESS_POOL)
-        db = Database(url, settings, name="bench")
-        databases.append(db)
-        await db.open(wait=True)
-        return lambda: db.fetch_one(STATEMENT, CREDIT)
+
+@contextlib.asynccontextmanager
+async def bare_pool_path(url: str) -> AsyncIterator[Execute]:
+    """The driver alone: the same pool and connections, without ``Database``'s wrapper."""
+    pool: AsyncConnectionPool[psycopg.AsyncConnection[Row]] = AsyncConnectionPool(
+        url,
+        min_size=IN_PROCESS_POOL,
+        max_size=IN_PROCESS_POOL,
+        kwargs=connection_kwargs(PoolSettings()),
+        connection_class=psycopg.AsyncConnection[Row],
+        open=False,
+    )
+    await pool.open(wait=True)
+    statement = query(STATEMENT)
+
+    async def run() -> object:
+        async with pool.connection() as connection:
+            return await (await connection.execute(statement, CREDIT)).fetchone()
 
     try:
-        yield opened
+        yield run
     finally:
-        for db in databases:
-            await db.close()
+        await pool.close()
 
 
 def sqlalchemy_engine(url: str, autocommit: bool) -> AsyncEngine:
@@ -450,9 +541,11 @@ def sqlalchemy_execute(engine: AsyncEngine, autocommit: bool) -> Execute:
 
 
 async def open_paths(url: str, stack: contextlib.AsyncExitStack) -> dict[str, Execute]:
-    psycopg_opener = await stack.enter_async_context(psycopg_path())
-    paths = {PATHS[0]: await psycopg_opener(url)}
-    for name, autocommit in ((PATHS[1], True), (PATHS[2], False)):
+    paths = {
+        PATHS[0]: await stack.enter_async_context(database_path(url)),
+        PATHS[1]: await stack.enter_async_context(bare_pool_path(url)),
+    }
+    for name, autocommit in ((PATHS[2], True), (PATHS[3], False)):
         engine = sqlalchemy_engine(url, autocommit)
         stack.push_async_callback(engine.dispose)
         paths[name] = sqlalchemy_execute(engine, autocommit)
@@ -502,8 +595,9 @@ async def compare_paths(options: Options, database_url: str) -> list[AccessPath]
             for ordered in alternating(list(paths), 2):
                 for name in ordered:
                     seconds[name] += await timed(paths[name], half, concurrency)
-            results += [AccessPath(name, mode, 2 * half, s) for name, s in seconds.items()]
-            log(f"  {mode}: " + ", ".join(f"{r.path} {r.per_second:,.0f}/s" for r in results[-3:]))
+            measured = [AccessPath(name, mode, 2 * half, s) for name, s in seconds.items()]
+            log(f"  {mode}: " + ", ".join(f"{m.path} {m.per_second:,.0f}/s" for m in measured))
+            results += measured
     return results
 
 
@@ -534,23 +628,26 @@ class Burst:
     p95_ms: float
     p99_ms: float
     max_ms: float
+    background_cpu: float | None
 
     @classmethod
-    def of(cls, nodes: int, report: LoadtestReport) -> Burst:
+    def of(cls, nodes: int, report: LoadtestReport, background_cpu: float | None) -> Burst:
         lat = report.latency
         return cls(
             nodes, report.verdict.requests, report.passed, report.wall_seconds,
             report.requests_per_second, lat.p50_ms, lat.p95_ms, lat.p99_ms, lat.max_ms,
+            background_cpu,
         )  # fmt: skip
 
 
 def measure_burst(options: Options, database_url: str, nodes: int) -> Burst:
+    background = await_quiet(options, database_url, nodes * DEFAULT_POOL)
     with running_nodes(database_url, Setup(nodes, DEFAULT_POOL)) as urls:
         config = LoadtestConfig(
             urls=tuple(urls), requests=options.requests, amount=2, reset=options.requests,
             progress=False,
         )  # fmt: skip
-        burst = Burst.of(nodes, asyncio.run(run_loadtest(config)))
+        burst = Burst.of(nodes, asyncio.run(run_loadtest(config)), background)
     verdict = "PASS" if burst.passed else "FAIL"
     log(f"  {nodes} node(s): {burst.wall_seconds:.2f} s, verdict {verdict}")
     return burst
@@ -601,19 +698,25 @@ def spread(values: Sequence[float | None]) -> str:
     return f"{min(present):,.0f} to {max(present):,.0f}" if present else "n/a"
 
 
+def busiest(values: Sequence[float | None]) -> str:
+    """Other work's CPU share seen just before the busiest of these runs."""
+    present = [v for v in values if v is not None]
+    return f"{max(present):.0%}" if present else "n/a"
+
+
 def ceiling_table(report: Report) -> list[str]:
     rows = [
-        "| pgbench clients | tps (mean) | range | latency avg ms | failed | vs peak |",
-        "|---|---|---|---|---|---|",
+        "| pgbench clients | tps (mean) | range | latency avg ms | failed | vs peak | other CPU |",
+        "|---|---|---|---|---|---|---|",
     ]
     peak = report.peak_ceiling()
     for clients, runs in report.ceiling.items():
         latency = mean([r.latency_ms for r in runs])
         failed = sum(r.failed or 0 for r in runs)
-        tps = [r.tps for r in runs]
+        tps, other = [r.tps for r in runs], busiest([r.background_cpu for r in runs])
         rows.append(
             f"| {clients} | {fmt(mean(tps))} | {spread(tps)} | {fmt(latency, '.2f')} | {failed} "
-            f"| {fmt(ratio(mean(tps), peak), '.2f')} |"
+            f"| {fmt(ratio(mean(tps), peak), '.2f')} | {other} |"
         )
     return rows
 
@@ -630,6 +733,7 @@ def sustained_rows(report: Report) -> list[dict[str, Any]]:
             "setup": setup.label, "nodes": setup.nodes, "pool_size": setup.pool_size,
             "pgbench_clients": setup.pool_connections, "route_per_second": value,
             "runs": [r.per_second for r in runs], "errors": sum(r.errors for r in runs),
+            "background_cpu": [r.background_cpu for r in runs],
             "p50_ms": mean([r.p50_ms for r in runs]), "p99_ms": mean([r.p99_ms for r in runs]),
             "ceiling_tps": ceiling, "ratio_to_ceiling": ratio(value, ceiling),
             "ratio_to_peak_ceiling": ratio(value, peak),
@@ -642,8 +746,8 @@ def sustained_table(report: Report) -> list[str]:
     rows = [
         "| setup (wrk, 50 conns) | route req/s | range | errors | p50 / p99 ms "
         "| ceiling tps (pgbench -c) | route / ceiling | route / peak ceiling "
-        f"| vs 1 node pool {DEFAULT_POOL} |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| vs 1 node pool {DEFAULT_POOL} | other CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sustained_rows(report):
         rows.append(
@@ -651,7 +755,7 @@ def sustained_table(report: Report) -> list[str]:
             f"| {r['errors']} | {fmt(r['p50_ms'], '.1f')} / {fmt(r['p99_ms'], '.1f')} "
             f"| {fmt(r['ceiling_tps'])} (-c {r['pgbench_clients']}) "
             f"| {fmt(r['ratio_to_ceiling'], '.2f')} | {fmt(r['ratio_to_peak_ceiling'], '.2f')} "
-            f"| {fmt(r['ratio_to_default_1_node'], '.2f')} |"
+            f"| {fmt(r['ratio_to_default_1_node'], '.2f')} | {busiest(r['background_cpu'])} |"
         )
     return rows
 
@@ -694,15 +798,16 @@ def burst_rows(report: Report) -> list[dict[str, Any]]:
 def burst_table(report: Report) -> list[str]:
     rows = [
         "| burst | verdict | wall s | req/s | p50 | p95 | p99 | max ms "
-        "| wall vs 1 node | req/s / ceiling |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| wall vs 1 node | req/s / ceiling | other CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in burst_rows(report):
         rows.append(
             f"| {r['requests']:,} → {r['nodes']} node(s) | {'PASS' if r['passed'] else 'FAIL'} "
             f"| {r['wall_seconds']:.2f} | {fmt(r['per_second'])} | {r['p50_ms']:,.0f} "
             f"| {r['p95_ms']:,.0f} | {r['p99_ms']:,.0f} | {r['max_ms']:,.0f} "
-            f"| {fmt(r['wall_ratio_to_1_node'], '.2f')} | {fmt(r['ratio_to_ceiling'], '.2f')} |"
+            f"| {fmt(r['wall_ratio_to_1_node'], '.2f')} | {fmt(r['ratio_to_ceiling'], '.2f')} "
+            f"| {busiest([r['background_cpu']])} |"
         )
     return rows
 
@@ -818,6 +923,9 @@ def run(options: Options, report: Report, database_url: str) -> None:
     phase(report, "ceiling: pgbench")
     report.ceiling = ceiling_sweep(options, database_url)
     phase(report, "data-access path: in-process")
+    report.machine["background_cpu_before_in_process"] = await_quiet(
+        options, database_url, len(PATHS) * IN_PROCESS_POOL
+    )
     report.access = run_in_process(options, database_url)
     phase(report, "sustained: wrk")
     report.sustained = sustained_sweep(options, database_url)

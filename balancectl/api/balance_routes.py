@@ -7,17 +7,19 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Request, Response, get, post
 from litestar.exceptions import HTTPException
-from litestar.params import Parameter
+from litestar.params import HeaderParameter, Parameter
 
 from balancectl import balance
 from balancectl.api.documents import (
+    IDEMPOTENCY_KEY_SCHEMA,
     INT64_MAX,
     MAX_AMOUNT,
+    USER_ID_SCHEMA,
     BalanceOperation,
     BalanceRequest,
     BalanceResult,
     UserBalance,
-    problem_spec,
+    problem_specs,
 )
 from balancectl.api.guards import require_token
 from balancectl.api.problems import problem_response
@@ -26,19 +28,25 @@ from balancectl.errors import InvalidRequest
 
 IdempotencyKey = Annotated[
     str | None,
-    Parameter(
-        header="Idempotency-Key",
+    HeaderParameter(
+        name="Idempotency-Key",
         required=False,
         description="1 to 255 visible ASCII characters; a repeat replays the first outcome.",
+        schema_extra=IDEMPOTENCY_KEY_SCHEMA,
     ),
+]
+UserId = Annotated[
+    str, Parameter(description="A positive 64-bit integer", schema_extra=USER_ID_SCHEMA)
 ]
 
 
 def parse_user_id(raw: str) -> int:
     """A positive 64-bit integer written in plain ASCII digits."""
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= INT64_MAX:
+    digits = raw.lstrip("0")
+    # Length before int(): more than 4300 digits would raise ValueError (a 500), not refuse.
+    if not (raw.isascii() and raw.isdigit() and 0 < len(digits) <= 19 and int(digits) <= INT64_MAX):
         raise InvalidRequest(f"userId must be a positive 64-bit integer, not {raw[:40]!r}")
-    return int(raw)
+    return int(digits)
 
 
 def parse_amount(body: bytes) -> int:
@@ -75,18 +83,23 @@ def require_json(request: Request[Any, Any, Any]) -> None:
     operation_class=BalanceOperation,
     guards=[require_token],
     status_code=200,
-    responses={
-        404: problem_spec("No such user (slug user-not-found)"),
-        409: problem_spec("Insufficient funds, or the balance limit (nothing changed)"),
-        422: problem_spec("Invalid request or reused Idempotency-Key"),
-        503: problem_spec("The database could not be reached in time (nothing changed)"),
-    },
+    responses=problem_specs(
+        {
+            401: "Missing or wrong bearer token, when the node has one (slug unauthorized)",
+            404: "No such user (slug user-not-found)",
+            409: "Insufficient funds, or the balance limit (nothing changed)",
+            413: "The body is over the size limit (slug payload-too-large)",
+            415: "The body is not JSON (slug unsupported-media-type)",
+            422: "Invalid request or reused Idempotency-Key",
+            503: "The database could not be reached in time (nothing changed)",
+        }
+    ),
     summary="Change a user's balance at once",
 )
 async def change_balance(
     request: Request[Any, Any, Any],
     db: Database,
-    userId: Annotated[str, Parameter(description="A positive 64-bit integer")],
+    userId: UserId,
     idempotency_key: IdempotencyKey = None,
 ) -> Response[BalanceResult]:
     """Debit (amount < 0) or credit (amount > 0); the balance never goes below zero."""
@@ -108,9 +121,15 @@ def replayable(stored: balance.Response) -> Response[Any]:
 
 @get(
     "/users/{userId:str}",
-    responses={404: problem_spec("No such user"), 422: problem_spec("Invalid userId")},
+    responses=problem_specs(
+        {
+            404: "No such user (slug user-not-found)",
+            422: "Invalid userId (slug invalid-request)",
+            503: "The database could not be reached in time",
+        }
+    ),
     summary="A user's balance",
 )
-async def get_user(db: Database, userId: str) -> UserBalance:
+async def get_user(db: Database, userId: UserId) -> UserBalance:
     uid = parse_user_id(userId)
     return UserBalance(userId=uid, balance=await balance.get_balance(db, uid))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 from litestar.openapi.datastructures import ResponseSpec
@@ -86,8 +87,40 @@ class NodesDocument(msgspec.Struct):
 
 def problem_spec(description: str) -> ResponseSpec:
     return ResponseSpec(
-        data_container=Problem, description=description, media_type="application/problem+json"
+        data_container=Problem,
+        description=description,
+        media_type="application/problem+json",
+        generate_examples=False,  # Litestar's made-up examples would show a status of 578
     )
+
+
+def problem_specs(descriptions: dict[int, str]) -> dict[int, ResponseSpec]:
+    """Problem responses by status, and a 400 in place of Litestar's (another body and type)."""
+    specs = {status: problem_spec(text) for status, text in descriptions.items()}
+    return {400: problem_spec("Malformed request (slug bad-request)"), **specs}
+
+
+# The handlers read ``userId`` as text and parse it themselves (so a bad one is a 422 problem,
+# not Litestar's 404); the document states what it must be.
+USER_ID_SCHEMA: dict[str, Any] = {
+    "type": OpenAPIType.INTEGER,
+    "format": "int64",
+    "minimum": 1,
+    "maximum": INT64_MAX,
+}
+# Job and node names are PostgreSQL text, which cannot hold NUL: such a filter is refused.
+NAME_FILTER_SCHEMA: dict[str, Any] = {
+    "one_of": None,
+    "type": OpenAPIType.STRING,
+    "pattern": r"^[^\u0000]*$",
+}
+IDEMPOTENCY_KEY_SCHEMA: dict[str, Any] = {
+    "one_of": None,
+    "type": OpenAPIType.STRING,
+    "min_length": 1,
+    "max_length": 255,
+    "pattern": "^[!-~]+$",
+}
 
 
 AMOUNT_SCHEMA = Schema(

@@ -9,13 +9,33 @@ from litestar import get
 from litestar.datastructures import State
 from litestar.params import Parameter
 
-from balancectl.api.documents import HistoryDocument, JobsDocument, NodesDocument, problem_spec
+from balancectl.api.documents import (
+    NAME_FILTER_SCHEMA,
+    HistoryDocument,
+    JobsDocument,
+    NodesDocument,
+    problem_spec,
+    problem_specs,
+)
 from balancectl.db import Database
+from balancectl.errors import InvalidRequest
 from balancectl.scheduler import listing
+
+UNAVAILABLE = "The database could not be reached in time (slug unavailable)"
+NameFilter = Annotated[str | None, Parameter(schema_extra=NAME_FILTER_SCHEMA)]
+
+
+def parse_filter(name: str, value: str | None) -> str | None:
+    """A name to match; NUL cannot be in PostgreSQL text, so psycopg would fail (a 500)."""
+    if value is not None and "\x00" in value:
+        raise InvalidRequest(f"the {name} filter must not contain NUL characters")
+    return value
 
 
 @get(
-    "/jobs", summary="Every configured job: which node runs it and for how long, or when it is due"
+    "/jobs",
+    summary="Every configured job: which node runs it and for how long, or when it is due",
+    responses={503: problem_spec(UNAVAILABLE)},
 )
 async def list_jobs(db: Database) -> JobsDocument:
     return msgspec.convert(await listing.jobs_document(db), JobsDocument)
@@ -24,19 +44,24 @@ async def list_jobs(db: Database) -> JobsDocument:
 @get(
     "/jobs/history",
     summary="Finished runs, newest first",
-    responses={422: problem_spec("Invalid filter (slug invalid-request)")},
+    responses=problem_specs({422: "Invalid filter (slug invalid-request)", 503: UNAVAILABLE}),
 )
 async def job_history(
     db: Database,
-    job: str | None = None,
-    node: str | None = None,
+    job: NameFilter = None,
+    node: NameFilter = None,
     limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
 ) -> HistoryDocument:
+    job, node = parse_filter("job", job), parse_filter("node", node)
     document = await listing.history_document(db, job, node, limit)
     return msgspec.convert(document, HistoryDocument)
 
 
-@get("/nodes", summary="Nodes that have run, for display only")
+@get(
+    "/nodes",
+    summary="Nodes that have run, for display only",
+    responses={503: problem_spec(UNAVAILABLE)},
+)
 async def list_nodes(db: Database, state: State) -> NodesDocument:
     document = await listing.nodes_document(db, state.lease_ttl)
     return msgspec.convert(document, NodesDocument)

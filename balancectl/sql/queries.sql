@@ -15,18 +15,22 @@ SELECT version_num FROM alembic_version
 SELECT id, balance FROM users WHERE id = %(user_id)s
 
 -- name: change_balance
--- One atomic conditional change: no read-then-write. The bounds are written so
--- that no comparison can overflow bigint for any |amount| <= 10^12; the CHECK
--- constraint backs the rule. The ledger row is written by the same statement.
+-- One atomic conditional change: no read-then-write. `target` locks the row and
+-- reads its newest version (so a refusal reports the balance it was refused
+-- against); the UPDATE applies only if the result stays within 0..2^63-1. The
+-- bounds are written so that no comparison can overflow bigint for any
+-- |amount| <= 10^12; the CHECK constraint backs the rule. The ledger row is
+-- written by the same statement.
 WITH target AS (
-    SELECT id, balance FROM users WHERE id = %(user_id)s
+    SELECT id, balance FROM users WHERE id = %(user_id)s FOR UPDATE
 ), changed AS (
-    UPDATE users
-    SET balance = balance + %(amount)s::bigint
-    WHERE id = %(user_id)s
-      AND balance >= -%(amount)s::bigint
-      AND balance <= 9223372036854775807 - greatest(%(amount)s::bigint, 0)
-    RETURNING id, balance
+    UPDATE users u
+    SET balance = t.balance + %(amount)s::bigint
+    FROM target t
+    WHERE u.id = t.id
+      AND t.balance >= -%(amount)s::bigint
+      AND t.balance <= 9223372036854775807 - greatest(%(amount)s::bigint, 0)
+    RETURNING u.id, u.balance
 ), entry AS (
     INSERT INTO ledger (user_id, amount, balance_after, idempotency_key)
     SELECT id, %(amount)s::bigint, balance, %(key)s::text FROM changed
@@ -143,7 +147,10 @@ WITH alive AS (
       AND next_run_at <= now()
       AND (owner IS NULL OR lease_expires_at <= now())
       AND ((SELECT running FROM mine) <= coalesce((SELECT min(running) FROM loads), 0)
-           OR (next_run_at <= now() - make_interval(secs => %(starve_after)s)
+           -- Waiting counts from when the job became claimable: for an expired lease,
+           -- its expiry (next_run_at is then the due time before the lost run).
+           OR (greatest(next_run_at, lease_expires_at)
+                   <= now() - make_interval(secs => %(starve_after)s)
                AND EXISTS (SELECT 1 FROM nodes
                            WHERE id = %(node)s
                              AND started_at <= now() - make_interval(secs => %(starve_after)s))))

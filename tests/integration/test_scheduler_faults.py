@@ -11,9 +11,11 @@ import signal
 import time
 from datetime import datetime
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from balancectl.cluster import LocalCluster, Node
 from tests.conftest import sql
+from tests.faults import proxied
 from tests.integration.test_scheduler_history import (
     POLL,
     Run,
@@ -37,11 +39,11 @@ def survivor(cluster: LocalCluster, gone: Node) -> Node:
     return next(node for node in cluster.members if node is not gone)
 
 
-def wait_taken_over(observer: Node, job: str, gone: Node, since: float, timeout: float) -> str:
+def wait_taken_over(observer: Node, job: str, gone: str, since: float, timeout: float) -> str:
     """Wait until ``job`` runs on a node other than ``gone``; print and return the taker."""
     taker = wait_for(
-        f"{job} to run on a node other than {gone.node_id}",
-        lambda: (owner := running(observer).get(job)) and owner != gone.node_id and owner,
+        f"{job} to run on a node other than {gone}",
+        lambda: (owner := running(observer).get(job)) and owner != gone and owner,
         timeout=timeout,
         every=0.05,
     )
@@ -75,7 +77,7 @@ def test_kill_9_the_job_is_taken_over_after_the_lease_expires(
     time.sleep(0.3)  # a renewal already sent may still commit; after this the row is final
     old_token, old_expiry = lease(database_url, "tick")
     observer = survivor(cluster, victim)
-    taker = wait_taken_over(observer, "tick", victim, killed_at, timeout=TTL + 15)
+    taker = wait_taken_over(observer, "tick", victim.node_id, killed_at, timeout=TTL + 15)
     took = time.monotonic() - killed_at
 
     assert took <= TTL + POLL * 1.2 + SLACK, f"takeover took {took:.2f} s"
@@ -106,9 +108,10 @@ def test_sigstop_past_the_ttl_the_paused_node_gives_up_and_writes_nothing(
     paused.process.send_signal(signal.SIGSTOP)
     stopped_at = time.monotonic()
     try:
-        taker = wait_taken_over(observer, "tick", paused, stopped_at, timeout=TTL + 15)
+        time.sleep(0.3)  # a renewal already sent may still commit; after this the row is final
+        old_token, old_expiry = lease(database_url, "tick")
+        taker = wait_taken_over(observer, "tick", paused.node_id, stopped_at, timeout=TTL + 15)
         took = time.monotonic() - stopped_at
-        old_token = lease(database_url, "tick")[0] - 1
         time.sleep(max(0.0, TTL + 2 - took))  # paused for well over the TTL
     finally:
         paused.process.send_signal(signal.SIGCONT)
@@ -131,6 +134,7 @@ def test_sigstop_past_the_ttl_the_paused_node_gives_up_and_writes_nothing(
     runs = history(observer, job="tick")
     [lost] = run_of(runs, "tick", old_token)
     assert (lost.node, lost.status) == (paused.node_id, "lost"), lost
+    assert lost.finished_at == old_expiry, (lost, old_expiry)
     assert lost.error is not None and f"taken over by {taker}" in lost.error, lost
     assert not [r for r in runs if r.node == paused.node_id and r.status == "succeeded"], runs
     new_started = datetime.fromisoformat(str(jobs_listing(observer)["tick"]["started_at"]))
@@ -157,7 +161,8 @@ def test_sigterm_cancels_the_runs_and_another_node_takes_them_at_once(
     leaving.process.send_signal(signal.SIGTERM)
     terminated_at = time.monotonic()
     takers = {
-        name: wait_taken_over(observer, name, leaving, terminated_at, timeout=ttl) for name in held
+        name: wait_taken_over(observer, name, leaving.node_id, terminated_at, timeout=ttl)
+        for name in held
     }
     took = time.monotonic() - terminated_at
 
@@ -182,3 +187,61 @@ def test_sigterm_cancels_the_runs_and_another_node_takes_them_at_once(
                (leaving.node_id,)) == [(True,)]  # fmt: skip
     assert_no_overlap(runs)
     assert_listing_agrees(cluster, names)
+
+
+def test_a_node_cut_off_from_the_database_stops_its_run_before_its_lease_expires(
+    cluster_factory: ClusterFactory, database_url: str, tmp_path: Path
+) -> None:
+    jobs = write_jobs(tmp_path / "jobs.toml", ["tick"], min_duration="40s")
+    parts = urlsplit(database_url)
+    with proxied(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
+        through_proxy = urlunsplit(
+            parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}")
+        )
+        args = node_args(jobs_file=jobs, lease_ttl=TTL, poll=POLL, settle=0)
+        cut_off = cluster_factory(1, *args, "--node-id", "cut-off", url=through_proxy)
+        wait_for(
+            "tick to run on cut-off", lambda: running(cut_off.members[0]) == {"tick": "cut-off"}, 30
+        )
+        other = cluster_factory(1, *node_args(jobs_file=jobs, lease_ttl=TTL, poll=POLL))
+        observer = other.members[0]
+        assert running(observer) == {"tick": "cut-off"}
+        time.sleep(1.5)
+
+        proxy.cut("drop")  # nothing flows, nothing is refused: every statement hangs
+        cut_at = time.monotonic()
+        time.sleep(0.3)  # a renewal already delivered may still commit; then the row is final
+        old_token, old_expiry = lease(database_url, "tick")
+        taker = wait_taken_over(observer, "tick", "cut-off", cut_at, timeout=TTL + 15)
+        took = time.monotonic() - cut_at
+        log = tmp_path / "cluster-1.log"
+        gave_up = wait_for(
+            "cut-off to give its run up",
+            lambda: next((line for line in log.read_text().splitlines()
+                          if "no lease renewal for tick in time" in line), None),
+            timeout=5,
+        )  # fmt: skip
+        proxy.restore()  # the held statements arrive late, under a token no longer valid
+        time.sleep(2)
+
+    assert took <= TTL + POLL * 1.2 + SLACK, f"takeover took {took:.2f} s"
+    runs = history(observer, job="tick")
+    assert [(run.node, run.token) for run in runs] == [("cut-off", old_token)]
+    [lost] = runs
+    assert (lost.status, lost.finished_at) == ("lost", old_expiry), lost
+    assert lost.error is not None and f"taken over by {taker}" in lost.error, lost
+    gave_up_at = logged_at(gave_up)
+    ahead = (old_expiry - gave_up_at).total_seconds()
+    print(f"cut-off gave its run up {ahead:.2f} s before its lease expired")
+    assert gave_up_at < old_expiry, (gave_up, old_expiry)
+    assert running(observer) == {"tick": taker}
+    new_started = datetime.fromisoformat(str(jobs_listing(observer)["tick"]["started_at"]))
+    assert new_started > lost.finished_at
+    assert_no_overlap(history(observer))
+    assert_listing_agrees(other, ["tick"])
+
+
+def logged_at(line: str) -> datetime:
+    """The time of a node's log line (``[node-1] 2026-11-29 07:05:04,495 ...``), local time."""
+    stamp = " ".join(line.split(" ")[1:3])
+    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").astimezone()

@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -109,7 +110,7 @@ def assert_no_overlap(runs: Sequence[Run]) -> None:
         tokens = [run.token for run in job_runs]
         assert len(tokens) == len(set(tokens)), f"{job}: two runs under one token: {tokens}"
         ordered = sorted(job_runs, key=lambda run: run.started_at)
-        for earlier, later in zip(ordered, ordered[1:], strict=False):
+        for earlier, later in pairwise(ordered):
             assert later.started_at > earlier.finished_at, f"{job} runs overlap: {earlier} {later}"
             assert later.token > earlier.token, f"{job}: tokens out of order: {earlier} {later}"
 
@@ -193,7 +194,7 @@ def test_runs_are_recorded_with_their_duration_and_interval(
         assert abs(run.duration_seconds - measured) < 0.01, run
     for name in names:
         starts = sorted(run.started_at for run in runs if run.job == name)
-        gaps = [(b - a).total_seconds() for a, b in zip(starts, starts[1:], strict=False)]
+        gaps = [(b - a).total_seconds() for a, b in pairwise(starts)]
         print(f"{name}: seconds between run starts {[round(g, 2) for g in gaps]}")
         assert all(gap >= 2.0 for gap in gaps), gaps
     assert_no_overlap(runs)

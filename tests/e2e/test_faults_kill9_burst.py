@@ -1,0 +1,187 @@
+"""kill -9 of one of five nodes in the middle of a 10,000-debit burst.
+
+The burst is the load test's: 10,000 debits of 2 on a balance of 10,000, fired at once
+over five nodes. A thread watches the ledger and SIGKILLs node-3 once 1,000 debits have
+been applied, so about 2,000 requests are queued on or in flight at node-3 when it dies.
+
+- With idempotency keys, the load tester repeats every unseen outcome under the same key
+  on the next node: every request ends with exactly one outcome, exactly 5,000 succeed,
+  and the ledger holds exactly one debit per successful key.
+- Without keys nothing can be retried safely: requests in flight at node-3 end as
+  transport errors, and some of them may have been applied all the same (the database
+  commits an autocommit statement whose client has died). The ledger is still the
+  truth: the balance moved by exactly what the ledger shows, and the client saw no more
+  successes than the ledger holds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from itertools import accumulate
+
+import psycopg
+import pytest
+from psycopg.rows import TupleRow
+
+from balancectl.cluster import Node
+from balancectl.loadtest import LoadtestConfig, LoadtestReport, run_loadtest
+from tests.conftest import sql
+from tests.processes import ClusterFactory, http_json
+
+pytestmark = pytest.mark.slow
+
+NODES = 5
+REQUESTS = 10000
+AMOUNT = 2
+START = 10000
+KILL_AFTER_DEBITS = 1000
+VICTIM = "node-3"
+# The scheduler is not under test here; without it five nodes hold 50 connections at most.
+CLUSTER_ARGS = ("--no-scheduler",)
+
+
+@dataclass
+class Kill:
+    """When the victim was killed: debits applied by then, seconds after the first one."""
+
+    debits: int = -1
+    after_first_debit: float = -1.0
+    error: str | None = None
+
+
+def debit_count(connection: psycopg.Connection[TupleRow]) -> int:
+    row = connection.execute("SELECT count(*) FROM ledger WHERE amount = %s", (-AMOUNT,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def kill_mid_burst(url: str, victim: Node, kill: Kill, timeout: float = 120.0) -> None:
+    """SIGKILL ``victim`` once ``KILL_AFTER_DEBITS`` debits are in the ledger."""
+    deadline = time.monotonic() + timeout
+    first: float | None = None
+    with psycopg.connect(url, autocommit=True) as connection:
+        while (debits := debit_count(connection)) < KILL_AFTER_DEBITS:
+            if debits and first is None:
+                first = time.monotonic()
+            if time.monotonic() > deadline:
+                kill.error = f"only {debits} debits after {timeout:.0f} s"
+                return
+            time.sleep(0.01)
+        victim.process.kill()
+        kill.after_first_debit = time.monotonic() - (first or time.monotonic())
+        kill.debits = debits
+
+
+async def burst_with_kill(
+    cluster_urls: list[str], victim: Node, database_url: str, idempotent: bool
+) -> tuple[LoadtestReport, Kill]:
+    config = LoadtestConfig(
+        urls=tuple(cluster_urls),
+        requests=REQUESTS,
+        amount=AMOUNT,
+        idempotent=idempotent,
+        progress=False,
+    )
+    kill = Kill()
+    killer = threading.Thread(target=kill_mid_burst, args=(database_url, victim, kill))
+    killer.start()
+    try:
+        report = await run_loadtest(config)
+    finally:
+        killer.join()
+    assert kill.error is None, kill.error
+    assert victim.process.wait(timeout=10) == -9
+    verdict = report.verdict
+    print(
+        f"\nidempotent={idempotent}: killed {victim.node_id} at {kill.debits} debits, "
+        f"{kill.after_first_debit:.2f} s after the first; 200: {verdict.successes}, "
+        f"409: {verdict.insufficient}, other: {verdict.other_outcomes}, "
+        f"retries: {report.retries}, replayed: {report.replayed}, "
+        f"final balance: {verdict.final_balance}, wall {report.wall_seconds:.1f} s"
+    )
+    return report, kill
+
+
+def ledger_debits(url: str) -> list[tuple[int, str | None]]:
+    rows = sql(url, "SELECT amount, idempotency_key FROM ledger WHERE user_id = 1 AND amount < 0")
+    return [(int(amount), key) for amount, key in rows]
+
+
+def balance_in_database(url: str) -> int:
+    return int(sql(url, "SELECT balance FROM users WHERE id = 1")[0][0])
+
+
+def assert_ledger_adds_up(url: str) -> None:
+    """User 1's ledger, in the order it was written, is a running sum ending at the balance."""
+    rows = sql(url, "SELECT amount, balance_after FROM ledger WHERE user_id = 1 ORDER BY id")
+    amounts = [int(amount) for amount, _ in rows]
+    assert [int(after) for _, after in rows] == list(accumulate(amounts))
+    assert min(int(after) for _, after in rows) >= 0
+    assert sum(amounts) == balance_in_database(url)
+
+
+def assert_every_node_but_the_victim_reads(urls: list[str], victim: Node, balance: int) -> None:
+    for url in urls:
+        if url != victim.url:
+            assert http_json(f"{url}/users/1") == (200, {"userId": 1, "balance": balance})
+
+
+async def test_kill_9_mid_burst_with_keys_every_request_ends_once(
+    cluster_factory: ClusterFactory, database_url: str
+) -> None:
+    cluster = cluster_factory(NODES, *CLUSTER_ARGS)
+    victim = cluster.node(VICTIM)
+
+    report, kill = await burst_with_kill(cluster.urls, victim, database_url, idempotent=True)
+
+    verdict = report.verdict
+    assert kill.debits < REQUESTS // AMOUNT // 2, "the kill came too late to be mid-burst"
+    assert report.retries > 0, "no request met the dead node: the fault proved nothing"
+    assert verdict.other_outcomes == {}, verdict.failures
+    assert (verdict.successes, verdict.insufficient) == (5000, 5000)
+    assert verdict.final_balance == 0 and report.passed, verdict.failures
+    assert balance_in_database(database_url) == 0
+    debits = ledger_debits(database_url)
+    assert Counter(amount for amount, _ in debits) == Counter({-AMOUNT: 5000})
+    keys = [key for _, key in debits]
+    assert None not in keys and len(set(keys)) == 5000, "a key applied twice, or a debit unkeyed"
+    stored = dict(
+        sql(database_url, "SELECT status_code, count(*) FROM idempotency_keys GROUP BY 1")
+    )
+    assert stored == {200: 5000, 409: 5000}, stored
+    assert_ledger_adds_up(database_url)
+    assert_every_node_but_the_victim_reads(cluster.urls, victim, 0)
+
+
+async def test_kill_9_mid_burst_without_keys_the_ledger_explains_the_balance(
+    cluster_factory: ClusterFactory, database_url: str
+) -> None:
+    cluster = cluster_factory(NODES, *CLUSTER_ARGS)
+    victim = cluster.node(VICTIM)
+
+    report, kill = await burst_with_kill(cluster.urls, victim, database_url, idempotent=False)
+
+    verdict = report.verdict
+    debits = ledger_debits(database_url)
+    applied = len(debits)
+    unseen = sum(verdict.other_outcomes.values())
+    print(f"ledger debits: {applied}; applied, answer lost: {applied - verdict.successes}")
+    assert kill.debits < REQUESTS // AMOUNT // 2, "the kill came too late to be mid-burst"
+    assert unseen > 0, "no request met the dead node: the fault proved nothing"
+    # Only the requests sent to the dead node can lack an answer; every other node answered.
+    assert all(outcome.startswith("error:") for outcome in verdict.other_outcomes), verdict
+    assert unseen <= REQUESTS // NODES, verdict.other_outcomes
+    assert verdict.successes + verdict.insufficient + unseen == REQUESTS
+    assert {amount for amount, _ in debits} <= {-AMOUNT}
+    assert all(key is None for _, key in debits)
+    # Nothing changed that the ledger does not show, and the ledger shows no more than
+    # the client saw succeed plus the requests whose answer was lost.
+    assert verdict.final_balance == START - AMOUNT * applied
+    assert balance_in_database(database_url) == START - AMOUNT * applied
+    assert verdict.successes <= applied <= verdict.successes + unseen
+    assert applied <= START // AMOUNT
+    assert_ledger_adds_up(database_url)
+    assert_every_node_but_the_victim_reads(cluster.urls, victim, START - AMOUNT * applied)
