@@ -89,8 +89,12 @@ def serve(
     ] = 1.0,
     settle: Annotated[
         float,
-        typer.Option(envvar=env("settle"), min=0, help="Wait before the first claim, seconds."),
-    ] = 3.0,
+        typer.Option(
+            envvar=env("settle"),
+            min=0,
+            help="No claims until no node has joined for this long, seconds.",
+        ),
+    ] = 5.0,
     no_scheduler: Annotated[
         bool, typer.Option(envvar=env("no-scheduler"), help="Serve the API only.")
     ] = False,

@@ -30,13 +30,18 @@ class SchedulerSettings:
     jobs_file: Path | None = None
     lease_ttl: float = 15.0
     poll_interval: float = 1.0
-    settle: float = 3.0
+    settle: float = 5.0
     enabled: bool = True
 
     @property
     def starve_after(self) -> float:
-        """A due job waiting this long is claimed by any node, whatever the spread."""
-        return self.lease_ttl
+        """A due job waiting this long is claimed by any node, whatever the spread.
+
+        Counted on top of the settle delay: jobs are due from the first node's start, so
+        a bound no longer than ``settle`` (a short ``--lease-ttl``) would let the first
+        node to settle claim every job at once.
+        """
+        return self.settle + self.lease_ttl
 
     @property
     def renew_every(self) -> float:

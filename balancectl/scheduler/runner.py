@@ -83,16 +83,6 @@ class Scheduler:
         """How long before its lease expires a node gives a run up without a renewal."""
         return max(self.settings.lease_ttl * 0.2, min(1.0, self.settings.lease_ttl / 3))
 
-    @property
-    def starve_after(self) -> float:
-        """How long a due job waits before any node may take it, whatever the spread.
-
-        Counted on top of the settle delay: jobs are due from the first node's start, so a
-        bound no longer than ``settle`` (a short ``--lease-ttl``) would let the first node
-        to settle claim every job at once.
-        """
-        return self.settings.settle + self.settings.starve_after
-
     async def start(self) -> None:
         await self.store.register_node()
         await self.store.register_jobs(list(self.specs.values()))
@@ -131,7 +121,10 @@ class Scheduler:
         while not self._stopping.is_set():
             sent = time.monotonic()
             claim = await self._bounded(
-                "claim", self.store.claim(list(self.specs), self.starve_after)
+                "claim",
+                self.store.claim(
+                    list(self.specs), self.settings.settle, self.settings.starve_after
+                ),
             )
             if claim is None:
                 return

@@ -52,7 +52,7 @@ class SchedulerStore:
                     },
                 )
 
-    async def claim(self, names: Sequence[str], starve_after: float) -> Claim | None:
+    async def claim(self, names: Sequence[str], settle: float, starve_after: float) -> Claim | None:
         """Claim one due job, or ``None``; see ``claim_job`` for the spreading rule."""
         row = await self.db.fetch_one(
             "claim_job",
@@ -60,6 +60,7 @@ class SchedulerStore:
                 "node": self.node,
                 "names": list(names),
                 "lease_ttl": self.lease_ttl,
+                "settle": settle,
                 "starve_after": starve_after,
             },
         )

@@ -123,13 +123,15 @@ SET function = EXCLUDED.function,
     min_duration_seconds = EXCLUDED.min_duration_seconds
 
 -- name: claim_job
--- Claims at most one due job whose lease is free or expired, and only while
--- this node runs no more jobs than the least loaded live node (so nodes that
--- start together share evenly), unless the job has waited past starve_after
--- and this node has itself been up that long (so a cold start still spreads).
+-- Claims at most one due job whose lease is free or expired. To spread evenly
+-- without any node knowing another, a node claims only while it runs no more
+-- jobs than the least loaded live node, and only once no live node has joined
+-- within the last `settle` seconds (so nodes started together all count before
+-- anyone claims). A job that has waited past starve_after may be taken by any
+-- node that has itself been up that long, so a stuck peer cannot starve it.
 -- Increments the fencing token; records the expired claim's run as lost.
 WITH alive AS (
-    SELECT id FROM nodes
+    SELECT id, started_at AS joined FROM nodes
     WHERE stopped_at IS NULL
       AND last_seen_at > now() - make_interval(secs => %(lease_ttl)s)
 ), loads AS (
@@ -146,7 +148,9 @@ WITH alive AS (
     WHERE name = ANY(%(names)s::text[])
       AND next_run_at <= now()
       AND (owner IS NULL OR lease_expires_at <= now())
-      AND ((SELECT running FROM mine) <= coalesce((SELECT min(running) FROM loads), 0)
+      AND (((SELECT running FROM mine) <= coalesce((SELECT min(running) FROM loads), 0)
+            AND NOT EXISTS (SELECT 1 FROM alive
+                            WHERE joined > now() - make_interval(secs => %(settle)s)))
            -- Waiting counts from when the job became claimable: for an expired lease,
            -- its expiry (next_run_at is then the due time before the lost run).
            OR (greatest(next_run_at, lease_expires_at)
