@@ -16,6 +16,7 @@ from balancectl import migrations
 from balancectl.api import create_app
 from balancectl.config import NodeSettings
 from balancectl.errors import ConfigError
+from balancectl.http_guard import GuardedHttpToolsProtocol
 from balancectl.limits import raise_open_files_limit
 from balancectl.scheduler import JobSpec
 
@@ -74,6 +75,7 @@ def serve(settings: NodeSettings, specs: Sequence[JobSpec], db_wait: float = 30.
         timeout_graceful_shutdown=10,
         timeout_keep_alive=30,
         lifespan="on",
+        http=GuardedHttpToolsProtocol,
     )
     log.info("node %s listening on http://%s:%d", settings.node_id, settings.host, settings.port)
     uvicorn.Server(config).run(sockets=[sock])

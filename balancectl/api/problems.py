@@ -38,7 +38,9 @@ def problem_response(
 
 
 def on_domain_error(_: Request[Any, Any, Any], error: BalancectlError) -> Response[dict[str, Any]]:
-    return problem_response(problem_document(error))
+    # RFC 9110 (15.5.2): a 401 must name the authentication scheme it wants.
+    headers = {"WWW-Authenticate": 'Bearer realm="balancectl"'} if error.status == 401 else None
+    return problem_response(problem_document(error), headers=headers)
 
 
 def on_validation_error(

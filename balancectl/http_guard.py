@@ -1,0 +1,66 @@
+"""uvicorn's httptools protocol with a deadline and a size bound on each request's head.
+
+uvicorn arms no timer before a request's headers are complete and bounds their size
+nowhere, so a client that connects and sends nothing, trickles header lines, or sends
+megabytes of headers would hold its connection (and memory) for ever. This protocol
+closes a connection whose request head is not complete ``HEAD_TIMEOUT`` seconds after
+the connection opened or the request began, and answers 400 to a head over
+``MAX_HEAD_BYTES``. Idle keep-alive connections are still uvicorn's business
+(``timeout_keep_alive``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+HEAD_TIMEOUT = 10.0
+MAX_HEAD_BYTES = 16 * 1024
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """``uvicorn.Config(http=GuardedHttpToolsProtocol)``."""
+
+    _head_timer: asyncio.TimerHandle | None = None
+    _head_bytes = 0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._head_timer is None:
+            return
+        self._head_bytes += len(data)
+        if self._head_bytes > MAX_HEAD_BYTES:  # the head is still not complete
+            self._disarm()
+            self.send_400_response("Request head too large")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def _arm(self) -> None:
+        if self._head_timer is None:
+            self._head_bytes = 0
+            self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _too_slow(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
