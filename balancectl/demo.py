@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 
 from rich.console import Console, Group
@@ -50,4 +49,4 @@ def watch_jobs(url: str, seconds: float) -> None:
             document = fetch_jobs(url)
             live.update(Group(build_jobs_table(document), build_spread_table(document)))
     if not out.is_terminal:
-        sys.stdout.flush()
+        out.line()  # a live display ends its last frame without a newline off a terminal
