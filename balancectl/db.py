@@ -49,17 +49,30 @@ class Session:
         cursor = await self._execute(name, params)
         return cursor.rowcount
 
+    async def command(self, statement: str) -> None:
+        """A transaction-control statement (``BEGIN``, ``COMMIT``) under the same deadline."""
+        await self._run(statement, None, prepare=False)
+
     async def _execute(
         self, name: str, params: Params | None, prepare: bool | None = None
     ) -> psycopg.AsyncCursor[Row]:
+        return await self._run(query(name), params, prepare)
+
+    async def _run(
+        self, statement: str, params: Params | None, prepare: bool | None
+    ) -> psycopg.AsyncCursor[Row]:
         running = asyncio.ensure_future(
-            self._connection.execute(query(name), params, prepare=prepare)
+            self._connection.execute(statement, params, prepare=prepare)
         )
         done, _ = await asyncio.wait({running}, timeout=self._deadline)
         if not done:
             running.cancel()  # psycopg cancels the query server-side, in the background
-            raise Unavailable(f"the database did not answer within {self._deadline:g} s")
+            raise NoAnswer(f"the database did not answer within {self._deadline:g} s")
         return running.result()
+
+
+class NoAnswer(Unavailable):
+    """A statement got no answer within its deadline: the link or the server is failing."""
 
 
 class Database:
@@ -101,6 +114,10 @@ class Database:
             raise Unavailable(
                 f"the database could not be reached in time: {first_line(error)}"
             ) from error
+        except NoAnswer:
+            # A silent link (packets dropped) fails this way, not with a connection error.
+            self._failing_since = self._failing_since or time.monotonic()
+            raise
         self._failing_since = None
 
     def _wait(self) -> float:
@@ -110,10 +127,15 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Session]:
-        """One pooled connection inside one transaction, committed on a clean exit."""
+        """One pooled connection inside one transaction, committed on a clean exit.
+
+        ``BEGIN`` and ``COMMIT`` run under the statement deadline like every statement, so
+        a silent link answers 503 in time here too; on an error the pool rolls back.
+        """
         async with self.session() as session:
-            async with session._connection.transaction():
-                yield session
+            await session.command("BEGIN")
+            yield session
+            await session.command("COMMIT")
 
     async def fetch_one(self, name: str, params: Params | None = None) -> Row | None:
         async with self.session() as session:
