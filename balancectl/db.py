@@ -22,6 +22,7 @@ from balancectl.queries import query
 
 Row = dict[str, Any]
 FAILING_WAIT = 1.0  # seconds a request waits for a connection while the database fails
+UNKNOWN = "A statement was sent: it may have been applied; retry with the same Idempotency-Key"
 Params = Mapping[str, Any]
 
 
@@ -67,7 +68,10 @@ class Session:
         done, _ = await asyncio.wait({running}, timeout=self._deadline)
         if not done:
             running.cancel()  # psycopg cancels the query server-side, in the background
-            raise NoAnswer(f"the database did not answer within {self._deadline:g} s")
+            raise NoAnswer(
+                f"the database did not answer within {self._deadline:g} s. {UNKNOWN}",
+                outcome="unknown",
+            )
         return running.result()
 
 
@@ -109,10 +113,17 @@ class Database:
         try:
             async with self.pool.connection(timeout=self._wait()) as connection:
                 yield Session(connection, self.settings.statement_timeout)
-        except (PoolTimeout, psycopg.OperationalError) as error:
+        except PoolTimeout as error:
             self._failing_since = self._failing_since or time.monotonic()
             raise Unavailable(
-                f"the database could not be reached in time: {first_line(error)}"
+                f"no database connection in time, nothing was sent: {first_line(error)}",
+                outcome="not-applied",
+            ) from error
+        except psycopg.OperationalError as error:
+            self._failing_since = self._failing_since or time.monotonic()
+            raise Unavailable(
+                f"the database connection failed: {first_line(error)}. {UNKNOWN}",
+                outcome="unknown",
             ) from error
         except NoAnswer:
             # A silent link (packets dropped) fails this way, not with a connection error.

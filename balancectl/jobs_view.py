@@ -61,7 +61,7 @@ def build_spread_table(document: dict[str, Any]) -> Table:
     for job in document["jobs"]:
         if job["node"]:
             counts[job["node"]] = counts.get(job["node"], 0) + 1
-    table = Table(title="running jobs per node")
+    table = Table(title="jobs per node")
     table.add_column("node")
     table.add_column("jobs", justify="right")
     for node, count in sorted(counts.items()):

@@ -144,7 +144,7 @@ def test_demo_runs_the_whole_story(database_url: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "PASS" in result.stdout and "FAIL" not in result.stdout
     assert sql(database_url, "SELECT balance FROM users WHERE id = 1") == [(10000 - 2 * 2000,)]
-    assert "running jobs per node" in result.stdout
+    assert "jobs per node" in result.stdout
 
 
 def port_in_use(port: int) -> bool:
