@@ -146,6 +146,7 @@ def probe_while_down(cluster: LocalCluster, answers: dict[str, int | None]) -> l
         assert answer.status == 503, (node.node_id, answer)
         assert answer.content_type.startswith("application/problem+json"), answer
         assert answer.body["type"] == "urn:balancectl:problem:unavailable", answer
+        assert answer.body["outcome"] in ("not-applied", "unknown"), answer
         status, ready_seconds = get_status(f"{node.url}/readyz")
         assert status == 503, (node.node_id, status)
         seconds += [answer.seconds, ready_seconds]

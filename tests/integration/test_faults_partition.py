@@ -185,6 +185,7 @@ def answers_while_cut(a: Node, key: str, mode: str) -> None:
           f"in {ready_seconds:.2f} s")  # fmt: skip
     assert status == 503 and content_type.startswith("application/problem+json"), (status, body)
     assert body["type"] == "urn:balancectl:problem:unavailable", body
+    assert body["outcome"] in ("not-applied", "unknown"), body
     assert seconds < ANSWER_WITHIN[mode], f"503 took {seconds:.2f} s"
     assert ready_status == 503 and ready_seconds < ANSWER_WITHIN[mode]
 
