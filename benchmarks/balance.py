@@ -10,7 +10,7 @@ Measures, against baselines taken in the same run (see benchmarks/README.md):
   SQLAlchemy Core, in-process, the same statement, sequential and concurrent;
 - sustained throughput of ``POST /users/1/balance`` under ``wrk`` (keep-alive credits)
   against 1 node at pool sizes 2, 5, 10, 20 and against 5 nodes at pool 5 and 10;
-- the 10,000-request burst of ``balancectl loadtest`` against 1 and 5 nodes.
+- the 10,000-request burst of ``balancectl loadtest`` against 1 and 5 nodes (and 5 at pool 5).
 
 Before each measurement it waits (a bounded time) for free server connections and for
 other work on the machine to calm down, and records the CPU share that work still used.
@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -631,6 +632,7 @@ class Burst:
     """The 10,000-request burst of ``balancectl loadtest`` against ``nodes`` nodes."""
 
     nodes: int
+    pool_size: int
     requests: int
     passed: bool
     wall_seconds: float
@@ -640,27 +642,38 @@ class Burst:
     p99_ms: float
     max_ms: float
     background_cpu: float | None
+    outcomes: dict[str, int]
+    failures: tuple[str, ...]
 
     @classmethod
-    def of(cls, nodes: int, report: LoadtestReport, background_cpu: float | None) -> Burst:
-        lat = report.latency
+    def of(cls, setup: Setup, report: LoadtestReport, background_cpu: float | None) -> Burst:
+        lat, verdict = report.latency, report.verdict
+        outcomes = {"ok": verdict.successes, "insufficient": verdict.insufficient}
         return cls(
-            nodes, report.verdict.requests, report.passed, report.wall_seconds,
+            setup.nodes, setup.pool_size, verdict.requests, report.passed, report.wall_seconds,
             report.requests_per_second, lat.p50_ms, lat.p95_ms, lat.p99_ms, lat.max_ms,
-            background_cpu,
+            background_cpu, outcomes | verdict.other_outcomes, tuple(verdict.failures),
         )  # fmt: skip
 
 
-def measure_burst(options: Options, database_url: str, nodes: int) -> Burst:
-    background = await_quiet(options, database_url, nodes * DEFAULT_POOL)
-    with running_nodes(database_url, Setup(nodes, DEFAULT_POOL)) as urls:
+# The burst at the default pool on 1 and 5 nodes, and on 5 nodes at pool 5.
+BURSTS = list(
+    dict.fromkeys(
+        [Setup(1, DEFAULT_POOL), Setup(CLUSTER_NODES, DEFAULT_POOL), Setup(CLUSTER_NODES, 5)]
+    )
+)
+
+
+def measure_burst(options: Options, database_url: str, setup: Setup) -> Burst:
+    background = await_quiet(options, database_url, setup.pool_connections)
+    with running_nodes(database_url, setup) as urls:
         config = LoadtestConfig(
             urls=tuple(urls), requests=options.requests, amount=2, reset=options.requests,
             progress=False,
         )  # fmt: skip
-        burst = Burst.of(nodes, asyncio.run(run_loadtest(config)), background)
-    verdict = "PASS" if burst.passed else "FAIL"
-    log(f"  {nodes} node(s): {burst.wall_seconds:.2f} s, verdict {verdict}")
+        burst = Burst.of(setup, asyncio.run(run_loadtest(config)), background)
+    verdict = "PASS" if burst.passed else f"FAIL: {'; '.join(burst.failures)}"
+    log(f"  {setup.label}: {burst.wall_seconds:.2f} s, verdict {verdict}")
     return burst
 
 
@@ -821,14 +834,15 @@ def access_table(report: Report) -> list[str]:
 
 
 def burst_rows(report: Report) -> list[dict[str, Any]]:
-    one = next((b for b in report.bursts if b.nodes == 1), None)
+    one = next((b for b in report.bursts if (b.nodes, b.pool_size) == (1, DEFAULT_POOL)), None)
     rows = []
     for b in report.bursts:
-        ceiling = report.ceiling_tps(b.nodes * DEFAULT_POOL)
+        clients = b.nodes * b.pool_size
+        ceiling = report.ceiling_tps(clients)
         rows.append({
             **asdict(b),
             "wall_ratio_to_1_node": ratio(b.wall_seconds, one.wall_seconds if one else None),
-            "pgbench_clients": b.nodes * DEFAULT_POOL, "ceiling_tps": ceiling,
+            "pgbench_clients": clients, "ceiling_tps": ceiling,
             "ratio_to_ceiling": ratio(b.per_second, ceiling),
         })  # fmt: skip
     return rows
@@ -836,19 +850,24 @@ def burst_rows(report: Report) -> list[dict[str, Any]]:
 
 def burst_table(report: Report) -> list[str]:
     rows = [
-        "| burst | verdict | wall s | req/s | p50 | p95 | p99 | max ms "
-        "| wall vs 1 node | req/s / ceiling | other CPU |",
+        "| burst | verdict (outcomes) | wall s | req/s | p50 | p95 | p99 | max ms "
+        f"| wall vs 1 node, pool {DEFAULT_POOL} | req/s / ceiling | other CPU |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in burst_rows(report):
         rows.append(
-            f"| {r['requests']:,} → {r['nodes']} node(s) | {'PASS' if r['passed'] else 'FAIL'} "
+            f"| {r['requests']:,} → {Setup(r['nodes'], r['pool_size']).label} | {verdict_cell(r)} "
             f"| {r['wall_seconds']:.2f} | {fmt(r['per_second'])} | {r['p50_ms']:,.0f} "
             f"| {r['p95_ms']:,.0f} | {r['p99_ms']:,.0f} | {r['max_ms']:,.0f} "
             f"| {fmt(r['wall_ratio_to_1_node'], '.2f')} | {fmt(r['ratio_to_ceiling'], '.2f')} "
             f"| {busiest([r['background_cpu']])} |"
         )
     return rows
+
+
+def verdict_cell(row: dict[str, Any]) -> str:
+    outcomes = ", ".join(f"{name} {count:,}" for name, count in row["outcomes"].items())
+    return f"{'PASS' if row['passed'] else 'FAIL'} ({outcomes})"
 
 
 def markdown(report: Report) -> str:
@@ -871,13 +890,13 @@ def markdown(report: Report) -> str:
 
 def blocks(lines: list[str]) -> list[str]:
     """A table's lines stay together; headings and paragraphs stand apart."""
-    blocks: list[str] = []
+    joined: list[str] = []
     for line in lines:
-        if line.startswith("|") and blocks and blocks[-1].startswith("|"):
-            blocks[-1] += "\n" + line
+        if line.startswith("|") and joined and joined[-1].startswith("|"):
+            joined[-1] += "\n" + line
         else:
-            blocks.append(line)
-    return blocks
+            joined.append(line)
+    return joined
 
 
 def report_json(report: Report, elapsed: float) -> dict[str, Any]:
@@ -948,15 +967,9 @@ def ledger_checks(database_url: str) -> dict[str, Any]:
 
 
 def require_tools() -> None:
-    missing = [tool for tool in ("wrk", "pgbench") if not any_on_path(tool)]
+    missing = [tool for tool in ("wrk", "pgbench") if shutil.which(tool) is None]
     if missing:
         raise SystemExit(f"missing on PATH: {', '.join(missing)} (apt-get install wrk)")
-
-
-def any_on_path(tool: str) -> bool:
-    return any(
-        (Path(folder) / tool).is_file() for folder in os.environ.get("PATH", "").split(os.pathsep)
-    )
 
 
 def run(options: Options, report: Report, database_url: str) -> None:
@@ -970,7 +983,7 @@ def run(options: Options, report: Report, database_url: str) -> None:
     phase(report, "sustained: wrk")
     report.sustained = sustained_sweep(options, database_url)
     phase(report, "burst: loadtest")
-    report.bursts = [measure_burst(options, database_url, n) for n in (1, CLUSTER_NODES)]
+    report.bursts = [measure_burst(options, database_url, setup) for setup in BURSTS]
     phase(report, "end")
     report.checks = ledger_checks(database_url)
 

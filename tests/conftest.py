@@ -11,6 +11,7 @@ Helpers for tests: ``sql(url, statement, params)`` and ``free_port()``
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import shutil
 import socket
@@ -43,13 +44,30 @@ def sql(url: str, statement: str, params: Params | None = None) -> list[tuple[An
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free now and that this run has not handed out before."""
+    return free_ports(1)
+
+
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive free ports, none handed out before in this run.
+
+    They are picked below the kernel's ephemeral range (32768 and up here), so an outgoing
+    connection (a load test opens thousands) cannot take one before a node binds it.
+    """
     while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = int(probe.getsockname()[1])
-        if port not in _ports_handed_out:
-            _ports_handed_out.add(port)
-            return port
+        base = random.randrange(20000, 32000 - count)
+        block = range(base, base + count)
+        if not _ports_handed_out.intersection(block) and all(map(_bindable, block)):
+            _ports_handed_out.update(block)
+            return base
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def url_for_database(server_url: str, database: str) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, sql
+from tests.conftest import free_ports, sql
 from tests.processes import ClusterFactory
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,9 +105,7 @@ def test_jobs_command_reads_the_database_and_a_node(
 
 
 def test_up_starts_nodes_and_stops_them_on_sigterm(database_url: str, tmp_path: Path) -> None:
-    base = free_port()
-    while any(port_in_use(p) for p in range(base, base + 2)):
-        base = free_port()
+    base = free_ports(2)
     log = (tmp_path / "up.log").open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "balancectl", "up", "--nodes", "2", "--base-port", str(base),
@@ -133,9 +131,7 @@ def test_up_starts_nodes_and_stops_them_on_sigterm(database_url: str, tmp_path: 
 
 @pytest.mark.slow
 def test_demo_runs_the_whole_story(database_url: str) -> None:
-    base = free_port()
-    while any(port_in_use(p) for p in range(base, base + 5)):
-        base = free_port()
+    base = free_ports(5)
     result = balancectl(
         "demo", "--database-url", database_url, "--base-port", str(base),
         "--requests", "2000", "--watch-seconds", "5",
