@@ -105,7 +105,9 @@ def serve(
     insecure: Annotated[
         bool, typer.Option(envvar=env("insecure"), help="Allow a non-loopback host without token.")
     ] = False,
-    pool_size: Annotated[int, typer.Option(envvar=env("pool-size"), min=1)] = 10,
+    pool_size: Annotated[
+        int, typer.Option(envvar=env("pool-size"), min=1, help="Hot-path connections.")
+    ] = 5,
     pool_timeout: Annotated[
         float, typer.Option(envvar=env("pool-timeout"), min=0.1, help="Wait for a connection, s.")
     ] = 30.0,
