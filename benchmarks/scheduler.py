@@ -121,7 +121,7 @@ def fill_history(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as connection:
         connection.execute(
             "INSERT INTO job_runs (job, node, token, started_at, finished_at, status)"
-            " SELECT 'job-' || lpad((i % 10)::text, 2, '0'), 'node-' || (i % 5 + 1), i,"
+            " SELECT 'job-' || lpad((i %% 10)::text, 2, '0'), 'node-' || (i %% 5 + 1), i,"
             "   now() - make_interval(secs => i * 60), now() - make_interval(secs => i * 60 - 30),"
             "   'succeeded'"
             " FROM generate_series(1, %s) AS i",
