@@ -15,7 +15,7 @@ class PoolSettings:
 
     min_size: int = 2
     # Every request of a burst updates one hot row: fewer connections on it measured
-    # faster (docs/benchmarks.md); 5 nodes x (5 + 3 scheduler) = 40 of PostgreSQL's 100.
+    # faster (docs/benchmarks.md); 5 nodes x (5 + 3 scheduler + 2 jobs) = 50 of 100.
     max_size: int = 5
     # A burst of 10,000 requests queues for the pool: the wait must outlast the queue.
     timeout: float = 30.0

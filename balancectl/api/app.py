@@ -33,6 +33,11 @@ def scheduler_pool(settings: NodeSettings) -> PoolSettings:
     )
 
 
+def job_pool(settings: NodeSettings) -> PoolSettings:
+    """The jobs' own work (an audit over the whole ledger) may take longer than a renewal."""
+    return replace(settings.pool, min_size=1, max_size=2, statement_timeout=300.0)
+
+
 @asynccontextmanager
 async def opened(db: Database) -> AsyncIterator[Database]:
     await db.open()
@@ -63,10 +68,14 @@ def lifespan(
 @asynccontextmanager
 async def scheduled(settings: NodeSettings, specs: Sequence[JobSpec]) -> AsyncIterator[Scheduler]:
     """Run the node's scheduler for the life of the app; stop it before the pools close."""
-    async with opened(Database(settings.database_url, scheduler_pool(settings), name="jobs")) as db:
+    url = settings.database_url
+    async with (
+        opened(Database(url, scheduler_pool(settings), name="scheduler")) as db,
+        opened(Database(url, job_pool(settings), name="jobs")) as job_db,
+    ):
         store = SchedulerStore(db, settings.node_id, settings.scheduler.lease_ttl)
         retention = JobRetention(idempotency_seconds=settings.idempotency_retention)
-        scheduler = Scheduler(store, specs, settings.scheduler, db, retention)
+        scheduler = Scheduler(store, specs, settings.scheduler, job_db, retention)
         await scheduler.start()
         try:
             yield scheduler

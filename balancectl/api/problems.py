@@ -68,7 +68,7 @@ def on_unexpected_error(
         "type": "urn:balancectl:problem:internal",
         "title": "Internal error",
         "status": 500,
-        "detail": "the node failed to handle this request; nothing was changed",
+        "detail": "the node failed to handle this request; its log has the details",
     }
     return problem_response(document)
 
