@@ -13,13 +13,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from itertools import accumulate
 from pathlib import Path
 
 import pytest
 
 from balancectl.loadtest import LoadtestConfig, LoadtestReport, run_loadtest
 from tests.conftest import sql
+from tests.ledger import assert_ledger_adds_up, balance_in_database
 from tests.processes import ClusterFactory, http_json
 
 pytestmark = pytest.mark.slow
@@ -37,22 +37,9 @@ def last_ledger_id(url: str) -> int:
     return int(sql(url, "SELECT coalesce(max(id), 0) FROM ledger")[0][0])
 
 
-def balance_in_database(url: str) -> int:
-    return int(sql(url, "SELECT balance FROM users WHERE id = 1")[0][0])
-
-
 def amounts_since(url: str, ledger_id: int) -> Counter[int]:
     rows = sql(url, "SELECT amount FROM ledger WHERE user_id = 1 AND id > %s", (ledger_id,))
     return Counter(int(amount) for (amount,) in rows)
-
-
-def assert_ledger_adds_up(url: str) -> None:
-    """User 1's ledger, in the order it was written, is a running sum ending at the balance."""
-    rows = sql(url, "SELECT amount, balance_after FROM ledger WHERE user_id = 1 ORDER BY id")
-    amounts = [int(amount) for amount, _ in rows]
-    assert [int(after) for _, after in rows] == list(accumulate(amounts))
-    assert min(int(after) for _, after in rows) >= 0
-    assert sum(amounts) == balance_in_database(url)
 
 
 def assert_burst_exact(report: LoadtestReport, nodes: int) -> None:

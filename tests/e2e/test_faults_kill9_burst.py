@@ -21,7 +21,6 @@ import time
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass
-from itertools import accumulate
 
 import psycopg
 import pytest
@@ -30,6 +29,7 @@ from psycopg.rows import TupleRow
 from balancectl.cluster import Node
 from balancectl.loadtest import LoadtestConfig, LoadtestReport, run_loadtest
 from tests.conftest import sql
+from tests.ledger import assert_ledger_adds_up, balance_in_database
 from tests.processes import ClusterFactory, http_json
 
 pytestmark = pytest.mark.slow
@@ -134,19 +134,6 @@ def answered_503(urls: list[str], victim: Node) -> int:
 def ledger_debits(url: str) -> list[tuple[int, str | None]]:
     rows = sql(url, "SELECT amount, idempotency_key FROM ledger WHERE user_id = 1 AND amount < 0")
     return [(int(amount), key) for amount, key in rows]
-
-
-def balance_in_database(url: str) -> int:
-    return int(sql(url, "SELECT balance FROM users WHERE id = 1")[0][0])
-
-
-def assert_ledger_adds_up(url: str) -> None:
-    """User 1's ledger, in the order it was written, is a running sum ending at the balance."""
-    rows = sql(url, "SELECT amount, balance_after FROM ledger WHERE user_id = 1 ORDER BY id")
-    amounts = [int(amount) for amount, _ in rows]
-    assert [int(after) for _, after in rows] == list(accumulate(amounts))
-    assert min(int(after) for _, after in rows) >= 0
-    assert sum(amounts) == balance_in_database(url)
 
 
 def assert_every_node_but_the_victim_reads(urls: list[str], victim: Node, balance: int) -> None:
