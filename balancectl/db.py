@@ -17,7 +17,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from balancectl.config import PoolSettings
-from balancectl.errors import Unavailable
+from balancectl.errors import BalancectlError, Unavailable
 from balancectl.queries import query
 
 Row = dict[str, Any]
@@ -140,12 +140,19 @@ class Database:
     async def transaction(self) -> AsyncIterator[Session]:
         """One pooled connection inside one transaction, committed on a clean exit.
 
-        ``BEGIN`` and ``COMMIT`` run under the statement deadline like every statement, so
-        a silent link answers 503 in time here too; on an error the pool rolls back.
+        ``BEGIN``, ``COMMIT`` and ``ROLLBACK`` run under the statement deadline like every
+        statement, so a silent link answers 503 in time here too. A domain error (a reused
+        key) rolls back here; after a database failure the pool discards or resets the
+        connection.
         """
         async with self.session() as session:
             await session.command("BEGIN")
-            yield session
+            try:
+                yield session
+            except BalancectlError as error:
+                if not isinstance(error, Unavailable):
+                    await session.command("ROLLBACK")
+                raise
             await session.command("COMMIT")
 
     async def fetch_one(self, name: str, params: Params | None = None) -> Row | None:
