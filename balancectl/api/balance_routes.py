@@ -91,7 +91,7 @@ def require_json(request: Request[Any, Any, Any]) -> None:
             413: "The body is over the size limit (slug payload-too-large)",
             415: "The body is not JSON (slug unsupported-media-type)",
             422: "Invalid request or reused Idempotency-Key",
-            503: "The database could not be reached in time (nothing changed)",
+            503: "No database answer in time; `outcome` says whether it may have applied",
         }
     ),
     summary="Change a user's balance at once",
