@@ -292,16 +292,21 @@ def wrk_rate(server: Server, seconds: int, many_users: bool, folder: Path) -> fl
     per_node = max(WRK_CLIENTS // len(server.urls), 1)
     processes = [
         subprocess.Popen(
-            ["wrk", "-t", "1", "-c", str(per_node), "-d", f"{seconds}s", "--timeout", "10s",
-             "-s", str(script), url],
-            stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            wrk_command(url, per_node, seconds, script), stdout=subprocess.PIPE, text=True
+        )
         for url in server.urls
     ]
     runs = [parse_wrk(p.communicate(timeout=seconds + 60)[0]) for p in processes]
     if any(run.errors for run in runs):
         log(f"  wrk saw {sum(r.errors for r in runs)} errors")
     return sum(r.requests for r in runs) / max(r.duration_s for r in runs)
+
+
+def wrk_command(url: str, connections: int, seconds: int, script: Path) -> list[str]:
+    return [
+        "wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds}s", "--timeout", "10s",
+        "-s", str(script), url,
+    ]  # fmt: skip
 
 
 def pgbench_rate(database_url: str, clients: int, seconds: int, many_users: bool) -> float:
