@@ -16,6 +16,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from balancectl.admission import Admission, AdmissionFull, AdmissionTimeout
 from balancectl.config import PoolSettings
 from balancectl.errors import BalancectlError, Unavailable
 from balancectl.queries import query
@@ -96,6 +97,8 @@ class Database:
             open=False,
         )
         self._failing_since: float | None = None
+        # Requests queue here, not in the pool: a burst's waiters cost a future each.
+        self.admission = Admission(settings.max_size, settings.max_waiting)
 
     async def open(self, *, wait: bool = False) -> None:
         await self.pool.open(wait=wait, timeout=self.settings.timeout)
@@ -111,9 +114,17 @@ class Database:
         requests answer 503 at once instead of queueing for the full timeout.
         """
         try:
-            async with self.pool.connection(timeout=self._wait()) as connection:
+            async with (
+                self.admission.place(self._wait()),
+                self.pool.connection(timeout=self._wait()) as connection,
+            ):
                 yield Session(connection, self.settings.statement_timeout)
-        except PoolTimeout as error:
+        except AdmissionFull as error:
+            raise Unavailable(
+                f"too many requests wait for a connection, nothing was sent: {error}",
+                outcome="not-applied",
+            ) from error
+        except (PoolTimeout, AdmissionTimeout) as error:
             self._failing_since = self._failing_since or time.monotonic()
             raise Unavailable(
                 f"no database connection in time, nothing was sent: {first_line(error)}",
@@ -175,7 +186,7 @@ class Database:
         return {
             "size": stats.get("pool_size", 0),
             "available": stats.get("pool_available", 0),
-            "waiting": stats.get("requests_waiting", 0),
+            "waiting": stats.get("requests_waiting", 0) + self.admission.waiting,
         }
 
 
