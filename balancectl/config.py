@@ -71,11 +71,18 @@ class NodeSettings:
     insecure: bool = False
     idempotency_retention: float = 24 * 3600.0
     max_body_bytes: int = 4096
+    # HTTP worker processes sharing the node's socket; the node still runs one scheduler.
+    workers: int = 1
+    # Ask the kernel for an accept queue as long as a burst (net.core.somaxconn caps it).
+    backlog: int = 16384
+    log_level: str = "INFO"
     pool: PoolSettings = field(default_factory=PoolSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
 
     def __post_init__(self) -> None:
         check_database_url(self.database_url)
+        if self.workers < 1:
+            raise ConfigError("--workers must be at least 1")
         if self.scheduler.lease_ttl <= 0:
             raise ConfigError("--lease-ttl must be a positive number of seconds")
         if not is_loopback(self.host) and not self.api_token and not self.insecure:

@@ -147,16 +147,16 @@ async def change_balance(
     uid, key = parse_user_id(userId), parse_key(idempotency_key)
     amount = parse_amount(await request.body())
     if key is None:
-        change = await balance.change_balance(db, uid, amount)
-        return Response(BalanceResult(**change.document()))
-    return replayable(await balance.change_balance_once(db, uid, amount, key))
+        return answer(await balance.change_balance(db, uid, amount))
+    return answer(await balance.change_balance_once(db, uid, amount, key))
 
 
-def replayable(stored: balance.Response) -> Response[Any]:
-    headers = {"Idempotent-Replayed": "true"} if stored.replayed else None
-    if stored.status != 200:
-        return problem_response(stored.body, headers=headers)
-    return Response(stored.body, status_code=200, headers=headers)
+def answer(outcome: balance.Outcome) -> Response[Any]:
+    """The outcome as sent: a refusal is a problem document returned, not an exception raised."""
+    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
+    if outcome.status != 200:
+        return problem_response(outcome.body, headers=headers)
+    return Response(outcome.body, status_code=200, headers=headers)
 
 
 @get(
