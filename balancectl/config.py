@@ -22,7 +22,16 @@ class PoolSettings:
     max_waiting: int = 20000
     prepared_statements: bool = True
     # One statement never takes this long unless the link is cut; then: 503, not a hang.
+    # The server enforces it too (statement_timeout), so a cut-off statement ends there.
     statement_timeout: float = 10.0
+    # A transaction left idle this long (its node paused, stalled or cut off) is ended by
+    # the server, and its row locks with it: nobody waits behind a stalled node for longer.
+    idle_in_transaction_timeout: float = 1.0
+    # A statement waits this long for a row lock, then fails with nothing applied (a 503).
+    # Above the hot row's queue in a 10,000-request burst; below the statement deadline.
+    lock_timeout: float = 5.0
+    # TCP keepalives and tcp_user_timeout: a link that goes silent is dropped after this.
+    link_timeout: float = 5.0
 
 
 @dataclass(frozen=True)
