@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, get, post
 from litestar.exceptions import HTTPException
-from litestar.params import HeaderParameter, Parameter
+from litestar.params import Parameter
 
 from balancectl import balance
 from balancectl.api.documents import (
-    IDEMPOTENCY_KEY_SCHEMA,
     INT64_MAX,
     MAX_AMOUNT,
     USER_ID_SCHEMA,
@@ -22,20 +22,11 @@ from balancectl.api.documents import (
     UserBalance,
     problem_specs,
 )
-from balancectl.api.guards import require_token
+from balancectl.api.guards import check_token
 from balancectl.api.problems import problem_response
 from balancectl.db import Database
 from balancectl.errors import InvalidRequest
 
-IdempotencyKey = Annotated[
-    str | None,
-    HeaderParameter(
-        name="Idempotency-Key",
-        required=False,
-        description="1 to 255 visible ASCII characters; a repeat replays the first outcome.",
-        schema_extra=IDEMPOTENCY_KEY_SCHEMA,
-    ),
-]
 UserId = Annotated[
     str, Parameter(description="A positive 64-bit integer", schema_extra=USER_ID_SCHEMA)
 ]
@@ -121,7 +112,6 @@ def require_json(request: Request[Any, Any, Any]) -> None:
 @post(
     "/users/{userId:str}/balance",
     operation_class=BalanceOperation,
-    guards=[require_token],
     status_code=200,
     responses=problem_specs(
         {
@@ -137,18 +127,35 @@ def require_json(request: Request[Any, Any, Any]) -> None:
     summary="Change a user's balance at once",
 )
 async def change_balance(
-    request: Request[Any, Any, Any],
-    db: Database,
-    userId: UserId,
-    idempotency_key: IdempotencyKey = None,
+    request: Request[Any, Any, Any], userId: UserId
 ) -> Response[BalanceResult]:
-    """Debit (amount < 0) or credit (amount > 0); the balance never goes below zero."""
+    """Debit (amount < 0) or credit (amount > 0); the balance never goes below zero.
+
+    The hot route reads its headers and its pool itself: a Litestar guard copies the
+    handler and a header parameter builds a ``Headers`` per request (measured: a fifth of
+    a node's CPU under the burst). The OpenAPI operation still documents both.
+    """
+    headers = wanted_headers(request.scope["headers"])
+    check_token(request.app.state.api_token, headers.get(b"authorization"))
     require_json(request)
-    uid, key = parse_user_id(userId), parse_key(idempotency_key)
+    uid, key = parse_user_id(userId), parse_key(decoded(headers.get(b"idempotency-key")))
     amount = parse_amount(await request.body())
+    db: Database = request.app.state.db
     if key is None:
         return answer(await balance.change_balance(db, uid, amount))
     return answer(await balance.change_balance_once(db, uid, amount, key))
+
+
+WANTED = frozenset({b"authorization", b"idempotency-key"})
+
+
+def wanted_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    """The two headers the route reads, from the ASGI scope (names arrive lower-case)."""
+    return {name: value for name, value in raw if name in WANTED}
+
+
+def decoded(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")
 
 
 def answer(outcome: balance.Outcome) -> Response[Any]:
