@@ -106,7 +106,12 @@ def serve(
         bool, typer.Option(envvar=env("insecure"), help="Allow a non-loopback host without token.")
     ] = False,
     pool_size: Annotated[
-        int, typer.Option(envvar=env("pool-size"), min=1, help="Hot-path connections.")
+        int,
+        typer.Option(
+            envvar=env("pool-size"),
+            min=1,
+            help="Request connections of the node, shared by its workers.",
+        ),
     ] = 5,
     pool_timeout: Annotated[
         float, typer.Option(envvar=env("pool-timeout"), min=0.1, help="Wait for a connection, s.")

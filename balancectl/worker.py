@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import signal
 import socket
 import sys
+from dataclasses import replace
 from multiprocessing.synchronize import Event
 
 import uvicorn
 
 from balancectl.api import create_app
-from balancectl.config import NodeSettings
+from balancectl.config import NodeSettings, PoolSettings
 from balancectl.http_guard import GuardedHttpToolsProtocol
 from balancectl.logs import configure_logging
 
@@ -33,6 +35,17 @@ def die_with_parent(parent_pid: int) -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:  # the parent ended before the line above ran
         os._exit(1)
+
+
+def worker_pool(settings: NodeSettings) -> PoolSettings:
+    """This worker's share of the node's request connections (``--pool-size`` is per node).
+
+    A node holds ``pool-size`` request connections however many workers it runs (each
+    gets ``ceil(pool-size / workers)``, at least one), so the connection arithmetic of a
+    cluster does not grow with the CPU count: docs/operations.md.
+    """
+    share = max(1, math.ceil(settings.pool.max_size / settings.workers))
+    return replace(settings.pool, max_size=share, min_size=min(settings.pool.min_size, share))
 
 
 def uvicorn_config(settings: NodeSettings, node_ready: Event | None = None) -> uvicorn.Config:
@@ -73,6 +86,7 @@ def run_worker(
 ) -> None:
     """The worker's process target: serve until SIGTERM or SIGINT, then drain and exit."""
     die_with_parent(parent_pid)
+    settings = replace(settings, pool=worker_pool(settings))
     configure_logging(f"{settings.node_id}/w{index}", settings.log_level)
     log.info("worker %d serving on pid %d", index, os.getpid())
     Server(uvicorn_config(settings, node_ready), started).run(sockets=[sock])
