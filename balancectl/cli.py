@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -38,6 +38,7 @@ app = typer.Typer(
 err = Console(stderr=True)
 out = Console()
 EX_SOFTWARE = 70  # sysexits.h: an internal software error
+DB_TIMEOUT = 5  # seconds a read-only command waits to connect to the database
 
 
 def say(text: str, style: str = "") -> None:
@@ -316,13 +317,16 @@ def jobs(
         return
     from rich.live import Live
 
-    with Live(build_jobs_table(fetch()), console=out, refresh_per_second=4) as live:
-        try:
+    try:
+        with Live(build_jobs_table(fetch()), console=out, refresh_per_second=4) as live:
             while True:
                 time.sleep(interval)
                 live.update(build_jobs_table(fetch()))
-        except KeyboardInterrupt:
-            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if not out.is_terminal:
+            out.line()  # a live display ends its last frame without a newline off a terminal
 
 
 def jobs_source(url: str | None, database_url: str | None) -> Callable[[], dict[str, Any]]:
@@ -336,20 +340,36 @@ def jobs_source(url: str | None, database_url: str | None) -> Callable[[], dict[
     from balancectl.scheduler.listing import jobs_document
 
     resolved = resolve_database_url(database_url)
-    probe_database(resolved)
 
     async def read() -> dict[str, Any]:
-        db = Database(resolved, PoolSettings(min_size=1, max_size=1))
+        db = Database(resolved, PoolSettings(min_size=1, max_size=1, timeout=DB_TIMEOUT))
         await db.open(wait=True)
         try:
             return await jobs_document(db)
         finally:
             await db.close()
 
-    return lambda: asyncio.run(read())
+    def fetch() -> dict[str, Any]:
+        probe_database(resolved)  # the reason in one line, not a pool's retries and timeout
+        return read_or_explain(read)
+
+    return fetch
 
 
-def probe_database(url: str, timeout: int = 5) -> None:
+def read_or_explain(read: Callable[[], Coroutine[Any, Any, dict[str, Any]]]) -> dict[str, Any]:
+    """Run ``read``; a database gone away meanwhile (``jobs --watch``) is one line, exit 2."""
+    from psycopg import OperationalError
+    from psycopg_pool import PoolTimeout
+
+    from balancectl.errors import BalancectlError
+
+    try:
+        return asyncio.run(read())
+    except (PoolTimeout, OperationalError, BalancectlError) as error:
+        raise ConfigError(f"the database cannot be reached: {describe(error)}") from error
+
+
+def probe_database(url: str, timeout: int = DB_TIMEOUT) -> None:
     """One connection attempt, so an unreachable database is one line, not a pool's retries."""
     import psycopg
 

@@ -74,7 +74,7 @@ class Node:
 
     def last_line(self) -> str:
         """The node's last line with something to read (a refusal, an exception)."""
-        if self.pump is not None:
+        if self.pump is not None and self.process.poll() is not None:
             self.pump.join(timeout=5)  # the process ended: its output ends soon after
         for line in reversed(self.tail):
             if any(character.isalnum() for character in line):
@@ -82,8 +82,11 @@ class Node:
         return "(it printed nothing)"
 
     def failure(self) -> NodeFailed:
+        """Why it is gone: its exit status and its own last line."""
         status = self.process.returncode
-        return NodeFailed(f"{self.node_id} exited with status {status}: {self.last_line()}")
+        return NodeFailed(
+            f"{self.node_id} exited with status {status}; its last line: {self.last_line()}"
+        )
 
 
 def node_command(node_id: str, port: int, extra: Sequence[str]) -> list[str]:
@@ -162,7 +165,10 @@ class LocalCluster:
                 if gone is not None:
                     raise gone.failure()
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{node.node_id} was not ready within {timeout:.0f} s")
+                    raise NodeFailed(
+                        f"{node.node_id} was not ready within {timeout:.0f} s; "
+                        f"its last line: {node.last_line()}"
+                    )
                 time.sleep(0.1)
 
     def stop(self, timeout: float = 20.0) -> None:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from typer.testing import CliRunner
@@ -23,7 +24,8 @@ from typer.testing import CliRunner
 from balancectl import cli
 from balancectl.config import NodeSettings
 from tests.conftest import free_port, free_ports, sql
-from tests.processes import Launched
+from tests.faults import proxied
+from tests.processes import ClusterFactory, Launched
 
 REFUSED_DB = "postgresql://postgres@127.0.0.1:1/nothing"
 REFUSED_NODE = "http://127.0.0.1:1"
@@ -124,6 +126,29 @@ def test_unreachable_node(args: tuple[str, ...]) -> None:
     status, output = run(*args, timeout=60)
     assert status == 2
     clear_line(output, REFUSED_NODE)
+
+
+def test_node_gone_during_jobs_watch(cluster_factory: ClusterFactory) -> None:
+    cluster = cluster_factory(1, "--no-scheduler")
+    with Launched("jobs", "--url", cluster.urls[0], "--watch", "--interval", "0.5") as watch:
+        wait_a_moment(watch, 3.0)  # off a terminal, a live view prints only at its end
+        cluster.stop()
+        assert watch.finish(timeout=30) == 2
+        assert watch.leftovers() == [], watch.output
+    clear_line(watch.output, "cannot reach the node", cluster.urls[0])
+
+
+def test_database_gone_during_jobs_watch(database_url: str) -> None:
+    database = urlsplit(database_url)
+    assert database.hostname is not None
+    with proxied(database.hostname, database.port or 5432) as proxy:
+        url = database._replace(netloc=f"{database.username}@127.0.0.1:{proxy.port}").geturl()
+        with Launched("jobs", "--database-url", url, "--watch", "--interval", "0.5") as watch:
+            wait_a_moment(watch, 3.0)  # off a terminal, a live view prints only at its end
+            proxy.cut("reject")
+            assert watch.finish(timeout=30) == 2
+            assert watch.leftovers() == [], watch.output
+    clear_line(watch.output, "the database cannot be reached")
 
 
 def test_jobs_url_that_is_not_http() -> None:
