@@ -114,7 +114,8 @@ def serve(
             "--scheduler/--no-scheduler",
             envvar=env("scheduler"),
             callback=older_negative_env("scheduler"),
-            help="Run the scheduler; --no-scheduler serves the API only.",
+            help="Run the scheduler; --no-scheduler serves the API only "
+            "(also the older BALANCECTL_NO_SCHEDULER=1).",
         ),
     ] = True,
     api_token: Annotated[
@@ -136,7 +137,8 @@ def serve(
             "--prepare/--no-prepare",
             envvar=env("prepare"),
             callback=older_negative_env("prepare"),
-            help="Server-side prepared statements; --no-prepare for PgBouncer < 1.21.",
+            help="Server-side prepared statements; --no-prepare for PgBouncer < 1.21 "
+            "(also the older BALANCECTL_NO_PREPARE=1).",
         ),
     ] = True,
     db_wait: Annotated[

@@ -151,10 +151,14 @@ def test_database_gone_during_jobs_watch(database_url: str) -> None:
     clear_line(watch.output, "the database cannot be reached")
 
 
-def test_jobs_url_that_is_not_http() -> None:
-    status, output = run("jobs", "--url", "127.0.0.1:8000")
+@pytest.mark.parametrize(
+    ("url", "parts"),
+    [("127.0.0.1:8000", ["--url", "http://"]), ("http://[::1", ["--url", "not a valid URL"])],
+)
+def test_jobs_url_that_is_not_one(url: str, parts: list[str]) -> None:
+    status, output = run("jobs", "--url", url)
     assert status == 2
-    clear_line(output, "--url", "http://")
+    clear_line(output, *parts)
 
 
 # --- a broken jobs file -------------------------------------------------------------------
@@ -299,6 +303,7 @@ def test_help_shows_each_boolean_once_with_its_negation() -> None:
     assert "--scheduler" in done.stdout and "--no-scheduler" in done.stdout
     assert "--prepare" in done.stdout and "--no-prepare" in done.stdout
     assert "BALANCECTL_SCHEDULER" in done.stdout and "BALANCECTL_PREPARE" in done.stdout
+    assert "BALANCECTL_NO_SCHEDULER=1" in done.stdout and "BALANCECTL_NO_PREPARE=1" in done.stdout
 
 
 BOOLEAN_CASES = {
