@@ -84,9 +84,10 @@ class Node:
     def failure(self) -> NodeFailed:
         """Why it is gone: its exit status and its own last line."""
         status = self.process.returncode
-        return NodeFailed(
-            f"{self.node_id} exited with status {status}; its last line: {self.last_line()}"
-        )
+        how = f"was killed by {signal.Signals(-status).name}" if status < 0 else "exited"
+        if status >= 0:
+            how += f" with status {status}"
+        return NodeFailed(f"{self.node_id} {how}; its last line: {self.last_line()}")
 
 
 def node_command(node_id: str, port: int, extra: Sequence[str]) -> list[str]:

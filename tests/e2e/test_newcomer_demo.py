@@ -71,7 +71,9 @@ def signal_at(run: Launched, marker: str, sig: int, delay: float = 0.3) -> float
     os.kill(run.process.pid, sig)
     run.finish(timeout=60)
     assert run.leftovers(grace=STOPPED_WITHIN) == [], run.output
-    return time.monotonic() - sent
+    took = time.monotonic() - sent
+    print(f"{signal.Signals(sig).name} after {marker!r}: all stopped in {took:.1f} s")
+    return took
 
 
 STEPS = {

@@ -25,7 +25,7 @@ from balancectl import cli
 from balancectl.config import NodeSettings
 from tests.conftest import free_port, free_ports, sql
 from tests.faults import proxied
-from tests.processes import ClusterFactory, Launched
+from tests.processes import ClusterFactory, Launched, session_processes
 
 REFUSED_DB = "postgresql://postgres@127.0.0.1:1/nothing"
 REFUSED_NODE = "http://127.0.0.1:1"
@@ -222,6 +222,38 @@ def test_signal_to_up_while_running(sig: int, status: int, database_url: str) ->
         assert up.leftovers() == [], up.output
     clear_line(up.output, "stopped by")
     assert sql(database_url, "SELECT count(*) FROM nodes WHERE stopped_at IS NULL") == [(0,)]
+
+
+def test_node_killed_under_up_ends_it_with_that_node(database_url: str) -> None:
+    with Launched("up", "--nodes", "2", "--base-port", str(free_ports(2)), "--database-url",
+                  database_url) as up:  # fmt: skip
+        up.wait_for("2 nodes up")
+        node_2 = next(pid for pid in session_processes(up.process.pid) if b"node-2" in cmdline(pid))
+        os.kill(node_2, signal.SIGKILL)
+        assert up.finish(timeout=30) == 2
+        assert up.leftovers() == [], up.output
+    clear_line(up.output, "node-2 was killed by SIGKILL; its last line:")
+
+
+@pytest.mark.slow
+def test_a_stuck_node_is_killed_with_its_process_group(database_url: str) -> None:
+    """A node that ignores SIGTERM (stopped here) is SIGKILLed, its whole group with it."""
+    with Launched("up", "--nodes", "2", "--base-port", str(free_ports(2)), "--database-url",
+                  database_url) as up:  # fmt: skip
+        up.wait_for("2 nodes up")
+        node_1 = next(pid for pid in session_processes(up.process.pid) if b"node-1" in cmdline(pid))
+        os.kill(node_1, signal.SIGSTOP)
+        os.kill(up.process.pid, signal.SIGTERM)
+        assert up.finish(timeout=60) == 143
+        assert up.leftovers() == [], up.output
+    clear_line(up.output, "stopped by SIGTERM")
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def test_sigint_to_up_while_starting(database_url: str) -> None:
