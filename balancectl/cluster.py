@@ -271,6 +271,8 @@ def stop_signals() -> Iterator[None]:
     def interrupt(signum: int, _frame: object) -> None:
         if not received:
             received.append(signum)
+            name = signal.Signals(signum).name
+            print(f"balancectl: {name}: stopping every node started", file=sys.stderr, flush=True)
             raise Interrupted(signum)
 
     with _handlers(interrupt):
