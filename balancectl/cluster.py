@@ -32,6 +32,7 @@ from balancectl.errors import ConfigError
 T = TypeVar("T")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 TAIL_LINES = 20
+GROUP_GRACE = 5.0  # seconds a stopped node's workers may take to finish exiting
 
 
 class NodeFailed(ConfigError):
@@ -192,15 +193,33 @@ class LocalCluster:
 
 
 def _wait_or_kill(node: Node, deadline: float) -> None:
+    """The node, then the rest of its process group (workers and helpers finishing their
+    exit), gone by ``deadline``; else SIGKILL to the whole group."""
     try:
         node.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        _wait_group_gone(node.process.pid, min(deadline, time.monotonic() + GROUP_GRACE))
     except subprocess.TimeoutExpired:
-        try:
-            os.killpg(node.process.pid, signal.SIGKILL)  # its group: the node and its workers
-        except ProcessLookupError:
-            pass
+        _kill_group(node.process.pid)
         node.process.wait()
     node.reap()
+
+
+def _wait_group_gone(group: int, deadline: float) -> None:
+    # The group id stays reserved while any member lives, so it names no one else here.
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    _kill_group(group)
+
+
+def _kill_group(group: int) -> None:
+    try:
+        os.killpg(group, signal.SIGKILL)  # the node and its workers
+    except ProcessLookupError:
+        pass
 
 
 def ready(url: str) -> bool:

@@ -165,8 +165,9 @@ class Launched:
         self._reader.join(timeout=10)
         return status
 
-    def leftovers(self, grace: float = 10.0) -> list[int]:
-        """Processes still in its session after ``grace`` seconds (there should be none)."""
+    def leftovers(self, grace: float = 2.0) -> list[int]:
+        """Processes still in its session ``grace`` seconds after it ended (there should be
+        none: the grace only lets a process that is exiting finish)."""
         deadline = time.monotonic() + grace
         while (left := session_processes(self.process.pid)) and time.monotonic() < deadline:
             time.sleep(0.1)
