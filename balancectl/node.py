@@ -36,19 +36,30 @@ SOMAXCONN = "/proc/sys/net/core/somaxconn"
 __all__ = ["bind", "configure_logging", "migrate_when_reachable", "serve"]
 
 
-def migrate_when_reachable(database_url: str, wait: float) -> None:
-    """Upgrade to head, retrying for up to ``wait`` seconds while the database is down."""
-    deadline = time.monotonic() + wait
+def migrate_when_reachable(database_url: str, wait: float, report_every: float = 5.0) -> None:
+    """Upgrade to head, retrying for up to ``wait`` seconds while the database is down.
+
+    The wait is logged once at once, then at most every ``report_every`` seconds, not
+    once per retry; ``wait=0`` is one attempt.
+    """
+    began = time.monotonic()
+    deadline, next_report = began + wait, began
     while True:
         try:
             migrations.upgrade(database_url)
-            return
+            break
         except (sqlalchemy.exc.OperationalError, psycopg.OperationalError) as error:
             reason = str(getattr(error, "orig", error)).strip().splitlines()[0]
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline:
                 raise ConfigError(f"the database cannot be reached: {reason}") from error
-            log.warning("database not reachable yet (%s); retrying", reason)
-            time.sleep(1.0)
+            if now >= next_report:
+                left = deadline - now
+                log.warning("database not reachable yet (%s); retrying for %.0f s", reason, left)
+                next_report = now + report_every
+            time.sleep(min(1.0, deadline - now))
+    if next_report > began:
+        log.info("database reached after %.1f s", time.monotonic() - began)
 
 
 def bind(host: str, port: int, backlog: int = 16384) -> socket.socket:
