@@ -128,6 +128,14 @@ class LocalCluster:
     def urls(self) -> list[str]:
         return [node.url for node in self.members]
 
+    def node_args(self, env: dict[str, str]) -> list[str]:
+        """The nodes' options; local nodes share this machine's cores, so each gets its
+        share of HTTP workers (at least one) unless ``--workers`` or its variable says."""
+        args = list(self.extra_args)
+        if "--workers" not in args and "BALANCECTL_WORKERS" not in env:
+            args += ["--workers", str(max(1, (os.cpu_count() or 1) // self.nodes))]
+        return args
+
     def start(self) -> None:
         env = {**os.environ, **self.env, "BALANCECTL_DATABASE_URL": self.database_url}
         ports = self.ports or range(self.base_port, self.base_port + self.nodes)
@@ -137,7 +145,7 @@ class LocalCluster:
 
     def _spawn(self, node_id: str, port: int, env: dict[str, str]) -> Node:
         process = subprocess.Popen(
-            node_command(node_id, port, self.extra_args),
+            node_command(node_id, port, self.node_args(env)),
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
