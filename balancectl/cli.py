@@ -26,8 +26,8 @@ from rich.console import Console
 from balancectl.errors import ConfigError
 
 if TYPE_CHECKING:
-    from balancectl.cluster import LocalCluster, Node
-    from balancectl.loadtest import LoadtestConfig
+    from balancectl.toolkit.cluster import LocalCluster, Node
+    from balancectl.toolkit.loadtest import LoadtestConfig
 
 app = typer.Typer(
     help="An exact balance service and a masterless cluster scheduler on PostgreSQL.",
@@ -67,7 +67,7 @@ def resolve_database_url(database_url: str | None) -> str:
     if database_url:
         check_database_url(database_url)
         return database_url
-    from balancectl.embedded import embedded_database_url
+    from balancectl.toolkit.embedded import embedded_database_url
 
     url = embedded_database_url()
     say(f"embedded PostgreSQL: {url}", style="dim")
@@ -78,7 +78,7 @@ def resolve_database_url(database_url: str | None) -> str:
 def migrate(database_url: DatabaseUrl = None) -> None:
     """Upgrade the schema to head; safe when many run at once."""
     from balancectl import migrations
-    from balancectl.cluster import migrate as upgrade
+    from balancectl.toolkit.cluster import migrate as upgrade
 
     upgrade(resolve_database_url(database_url))
     say(f"schema at {migrations.head_revision()}")
@@ -205,7 +205,7 @@ def up(
     lease_ttl: Annotated[float, typer.Option(envvar=env("lease-ttl"), min=0.5)] = 15.0,
 ) -> None:
     """Start N local nodes (node-1..node-N) with prefixed logs; stop them on Ctrl-C or SIGTERM."""
-    from balancectl.cluster import LocalCluster, check_ports_free, in_thread, migrate
+    from balancectl.toolkit.cluster import LocalCluster, check_ports_free, in_thread, migrate
 
     extra = ["--lease-ttl", str(lease_ttl)]
     if jobs_file is not None:
@@ -237,7 +237,7 @@ def until_one_exits(cluster: LocalCluster) -> Node:
 def launcher() -> Iterator[None]:
     """For ``up`` and ``demo``: the first SIGINT or SIGTERM stops every node started (the
     commands stop them on the way out), then exits 130 or 143."""
-    from balancectl.cluster import Interrupted, stop_signals
+    from balancectl.toolkit.cluster import Interrupted, stop_signals
 
     try:
         with stop_signals():
@@ -272,7 +272,7 @@ def loadtest(
     progress: Annotated[bool, typer.Option(envvar=env("progress"))] = True,
 ) -> None:
     """Fire all requests at the same moment, verify, report; exit 1 when a check fails."""
-    from balancectl.loadtest import LoadtestConfig
+    from balancectl.toolkit.loadtest import LoadtestConfig
 
     config = LoadtestConfig(
         urls=tuple(url),
@@ -290,7 +290,12 @@ def loadtest(
 
 def run_and_report(config: LoadtestConfig, json_out: Path | None) -> bool:
     """Run the load test, print its verdict table (and JSON); whether it passed."""
-    from balancectl.loadtest import LoadtestError, build_verdict_table, report_json, run_loadtest
+    from balancectl.toolkit.loadtest import (
+        LoadtestError,
+        build_verdict_table,
+        report_json,
+        run_loadtest,
+    )
 
     try:
         report = asyncio.run(run_loadtest(config))
@@ -313,7 +318,7 @@ def jobs(
     json_output: Annotated[bool, typer.Option("--json", help="Print GET /jobs as JSON.")] = False,
 ) -> None:
     """The cluster's jobs as a table (live with --watch)."""
-    from balancectl.jobs_view import build_jobs_table
+    from balancectl.toolkit.jobs_view import build_jobs_table
 
     fetch = jobs_source(url, database_url)
     if json_output:
@@ -338,7 +343,7 @@ def jobs(
 
 def jobs_source(url: str | None, database_url: str | None) -> Callable[[], dict[str, Any]]:
     """A function returning the ``GET /jobs`` document, from a node or the database."""
-    from balancectl.jobs_view import fetch_jobs
+    from balancectl.toolkit.jobs_view import fetch_jobs
 
     if url:
         return lambda: fetch_jobs(url)
@@ -409,7 +414,7 @@ def demo(
 ) -> None:
     """The whole story on one machine, from nothing: migrate, 5 nodes, the 10,000-request
     test across them, the verdict, then the jobs spreading over the nodes, live."""
-    from balancectl.demo import run_demo
+    from balancectl.toolkit.demo import run_demo
 
     with launcher():
         url = resolve_database_url(database_url)

@@ -13,53 +13,23 @@ import asyncio
 import logging
 import signal
 import socket
-import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
-
-import psycopg
-import sqlalchemy.exc
 
 from balancectl import migrations
 from balancectl.config import NodeSettings, PoolSettings
 from balancectl.db import Database
 from balancectl.errors import ConfigError
-from balancectl.limits import raise_open_files_limit
 from balancectl.logs import configure_logging
+from balancectl.open_files import raise_open_files_limit
 from balancectl.scheduler import JobRetention, JobSpec, Scheduler, SchedulerStore
 from balancectl.workers import Workers, WorkersFailed
 
 log = logging.getLogger("balancectl.node")
 SOMAXCONN = "/proc/sys/net/core/somaxconn"
 
-__all__ = ["bind", "configure_logging", "migrate_when_reachable", "serve"]
-
-
-def migrate_when_reachable(database_url: str, wait: float, report_every: float = 5.0) -> None:
-    """Upgrade to head, retrying for up to ``wait`` seconds while the database is down.
-
-    The wait is logged once at once, then at most every ``report_every`` seconds, not
-    once per retry; ``wait=0`` is one attempt.
-    """
-    began = time.monotonic()
-    deadline, next_report = began + wait, began
-    while True:
-        try:
-            migrations.upgrade(database_url)
-            break
-        except (sqlalchemy.exc.OperationalError, psycopg.OperationalError) as error:
-            reason = str(getattr(error, "orig", error)).strip().splitlines()[0]
-            now = time.monotonic()
-            if now >= deadline:
-                raise ConfigError(f"the database cannot be reached: {reason}") from error
-            if now >= next_report:
-                left = deadline - now
-                log.warning("database not reachable yet (%s); retrying for %.0f s", reason, left)
-                next_report = now + report_every
-            time.sleep(min(1.0, deadline - now))
-    if next_report > began:
-        log.info("database reached after %.1f s", time.monotonic() - began)
+__all__ = ["bind", "configure_logging", "serve"]
 
 
 def bind(host: str, port: int, backlog: int = 16384) -> socket.socket:
@@ -99,7 +69,7 @@ def serve(settings: NodeSettings, specs: Sequence[JobSpec], db_wait: float = 30.
     """Migrate, then serve the API and run the scheduler until asked to stop."""
     sock = bind(settings.host, settings.port, settings.backlog)
     raise_open_files_limit()
-    migrate_when_reachable(settings.database_url, db_wait)
+    migrations.upgrade_when_reachable(settings.database_url, db_wait)
     try:
         received = asyncio.run(supervise(settings, specs, sock))
     except WorkersFailed as error:

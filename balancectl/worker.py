@@ -21,7 +21,7 @@ import uvicorn
 
 from balancectl.api import create_app
 from balancectl.config import NodeSettings, PoolSettings
-from balancectl.http_guard import GuardedHttpToolsProtocol
+from balancectl.http_limits import GuardedHttpToolsProtocol
 from balancectl.logs import configure_logging
 
 PR_SET_PDEATHSIG = 1

@@ -26,7 +26,7 @@ from typing import IO, Any
 
 import pytest
 
-from balancectl.cluster import LocalCluster
+from balancectl.toolkit.cluster import LocalCluster
 from tests.conftest import free_port
 
 ClusterFactory = Callable[..., LocalCluster]

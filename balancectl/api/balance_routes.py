@@ -12,6 +12,7 @@ from litestar.exceptions import HTTPException
 from litestar.params import Parameter
 
 from balancectl import balance
+from balancectl.api.auth import check_token
 from balancectl.api.documents import (
     INT64_MAX,
     MAX_AMOUNT,
@@ -22,7 +23,6 @@ from balancectl.api.documents import (
     UserBalance,
     problem_specs,
 )
-from balancectl.api.guards import check_token
 from balancectl.api.problems import problem_response
 from balancectl.db import Database
 from balancectl.errors import InvalidRequest

@@ -26,8 +26,8 @@ import psycopg
 import pytest
 from psycopg.rows import TupleRow
 
-from balancectl.cluster import Node
-from balancectl.loadtest import LoadtestConfig, LoadtestReport, run_loadtest
+from balancectl.toolkit.cluster import Node
+from balancectl.toolkit.loadtest import LoadtestConfig, LoadtestReport, run_loadtest
 from tests.conftest import sql
 from tests.ledger import assert_ledger_adds_up, balance_in_database
 from tests.processes import ClusterFactory, http_json

@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from balancectl.cluster import LocalCluster, Node
-from balancectl.loadtest import LoadtestConfig, run_loadtest
+from balancectl.toolkit.cluster import LocalCluster, Node
+from balancectl.toolkit.loadtest import LoadtestConfig, run_loadtest
 from tests.conftest import sql
 from tests.integration.test_scheduler_history import (
     POLL,

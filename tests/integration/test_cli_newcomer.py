@@ -385,7 +385,7 @@ def test_boolean_options_and_their_env_vars(
 
 def test_embedded_url_is_printed_whole_at_any_width(tmp_path: Path) -> None:
     """At 40 columns the URL is still one line, and it works when pasted."""
-    from balancectl.embedded import stop_embedded
+    from balancectl.toolkit.embedded import stop_embedded
 
     env = {"XDG_DATA_HOME": str(tmp_path), "BALANCECTL_DATABASE_URL": "", "COLUMNS": "40"}
     try:
@@ -401,7 +401,7 @@ def test_embedded_url_is_printed_whole_at_any_width(tmp_path: Path) -> None:
 def test_verdict_table_fits_80_columns_with_every_value_whole() -> None:
     from rich.console import Console
 
-    from balancectl.loadtest import LatencyStats, LoadtestReport, build_verdict_table, judge
+    from balancectl.toolkit.loadtest import LatencyStats, LoadtestReport, build_verdict_table, judge
 
     outcomes = ["ok"] * 4990 + ["error:ClientConnectorError"] * 7 + ["http-503"] * 3
     verdict = judge(10000, 2, 10000, outcomes + ["insufficient"] * 5000, 9980)

@@ -30,9 +30,9 @@ from typing import Any
 
 import pytest
 
-from balancectl.cluster import LocalCluster, Node, ready
-from balancectl.embedded import embedded_database_url, stop_embedded
 from balancectl.migrations import upgrade
+from balancectl.toolkit.cluster import LocalCluster, Node, ready
+from balancectl.toolkit.embedded import embedded_database_url, stop_embedded
 from tests.conftest import sql
 from tests.integration.test_scheduler_history import (
     assert_no_overlap,

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from balancectl.cluster import Node, node_command, pump, ready
+from balancectl.toolkit.cluster import Node, node_command, pump, ready
 from tests.conftest import free_port, sql
 from tests.faults import TcpProxy, proxied
 from tests.integration.test_scheduler_history import (

@@ -16,7 +16,7 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-from balancectl.cluster import Node
+from balancectl.toolkit.cluster import Node
 from tests.conftest import sql
 from tests.integration.test_scheduler_history import (
     POLL,

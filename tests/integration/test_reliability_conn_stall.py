@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 
-from balancectl.cluster import Node
+from balancectl.toolkit.cluster import Node
 from tests.conftest import sql
 from tests.faults import TcpProxy, proxied
 from tests.integration.test_faults_partition import Spawn, spawn, through

@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from balancectl.cluster import LocalCluster, Node
+from balancectl.toolkit.cluster import LocalCluster, Node
 from tests.conftest import sql
 from tests.faults import proxied
 from tests.integration.test_scheduler_history import (

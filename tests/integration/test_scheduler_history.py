@@ -19,7 +19,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, TypeVar
 
-from balancectl.cluster import LocalCluster, Node
+from balancectl.toolkit.cluster import LocalCluster, Node
 from tests.processes import ClusterFactory, http_json, node_args
 
 T = TypeVar("T")

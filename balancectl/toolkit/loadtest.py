@@ -24,7 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from balancectl.errors import ConfigError
-from balancectl.limits import raise_open_files_limit
+from balancectl.open_files import raise_open_files_limit
 
 __all__ = [
     "Burst",

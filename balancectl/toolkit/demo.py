@@ -19,9 +19,20 @@ from typing import Any
 from rich.console import Console, Group
 from rich.live import Live
 
-from balancectl.cluster import LocalCluster, check_ports_free, in_thread, migrate, pick_free_ports
-from balancectl.jobs_view import build_jobs_table, build_spread_table, fetch_jobs
-from balancectl.loadtest import LoadtestConfig, LoadtestReport, build_verdict_table, run_loadtest
+from balancectl.toolkit.cluster import (
+    LocalCluster,
+    check_ports_free,
+    in_thread,
+    migrate,
+    pick_free_ports,
+)
+from balancectl.toolkit.jobs_view import build_jobs_table, build_spread_table, fetch_jobs
+from balancectl.toolkit.loadtest import (
+    LoadtestConfig,
+    LoadtestReport,
+    build_verdict_table,
+    run_loadtest,
+)
 
 out = Console()
 err = Console(stderr=True)

@@ -356,6 +356,6 @@ def in_thread(work: Callable[[], T]) -> T:
 
 def migrate(database_url: str) -> None:
     """Upgrade to head now; an unreachable database is one ``ConfigError`` line."""
-    from balancectl.node import migrate_when_reachable
+    from balancectl.migrations import upgrade_when_reachable
 
-    migrate_when_reachable(database_url, wait=0)
+    upgrade_when_reachable(database_url, wait=0)
