@@ -9,7 +9,7 @@
 - An idle keep-alive connection is closed after uvicorn's ``timeout_keep_alive`` (30 s).
 
 uvicorn (httptools) itself arms no timer before a request's headers are complete and sets
-no bound on their size; balancectl.http_limits adds both (10 s, 16 KiB), and the tests
+no bound on their size; balancectl.api.http_limits adds both (10 s, 16 KiB), and the tests
 below hold the node to them: a silent or trickling client is cut off, megabytes of
 headers are refused.
 """

@@ -27,6 +27,10 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
         "balancectl.api",
         "balancectl.scheduler",
     ),
+    "balancectl.config": ("balancectl.api", "balancectl.scheduler", "balancectl.db"),
+    "balancectl.errors": ("balancectl.api", "balancectl.scheduler", "balancectl.db"),
+    "balancectl.open_files": ("balancectl.api", "balancectl.scheduler", "balancectl.db"),
+    "balancectl.migrations": ("balancectl.api", "balancectl.scheduler", "balancectl.toolkit"),
     "balancectl.db": ("balancectl.toolkit", "balancectl.api", "balancectl.scheduler"),
     "balancectl.sql": ("balancectl.toolkit", "balancectl.api", "balancectl.scheduler"),
     # The toolkit reaches nodes over HTTP (or reads the database), never their insides.
