@@ -26,7 +26,7 @@ from rich.console import Console
 from balancectl.errors import ConfigError
 
 if TYPE_CHECKING:
-    from balancectl.toolkit.cluster import LocalCluster, Node
+    from balancectl.toolkit.cluster import LocalCluster, NodeProcess
     from balancectl.toolkit.loadtest import LoadtestConfig
 
 app = typer.Typer(
@@ -226,7 +226,7 @@ def up(
             cluster.stop()
 
 
-def until_one_exits(cluster: LocalCluster) -> Node:
+def until_one_exits(cluster: LocalCluster) -> NodeProcess:
     """Wait (interruptibly) until a node of ``cluster`` exits on its own; that node."""
     while (gone := cluster.exited()) is None:
         time.sleep(0.2)

@@ -53,7 +53,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 @dataclass
-class Node:
+class NodeProcess:
     """One node process and where it listens."""
 
     node_id: str
@@ -122,7 +122,7 @@ class LocalCluster:
     env: dict[str, str] = field(default_factory=dict)
     log: IO[str] | None = None
     ports: Sequence[int] | None = None
-    members: list[Node] = field(default_factory=list)
+    members: list[NodeProcess] = field(default_factory=list)
 
     @property
     def urls(self) -> list[str]:
@@ -143,7 +143,7 @@ class LocalCluster:
             with signals_held():  # a node spawned is a node recorded, so it will be stopped
                 self.members.append(self._spawn(f"node-{index}", port, env))
 
-    def _spawn(self, node_id: str, port: int, env: dict[str, str]) -> Node:
+    def _spawn(self, node_id: str, port: int, env: dict[str, str]) -> NodeProcess:
         process = subprocess.Popen(
             node_command(node_id, port, self.node_args(env)),
             env=env,
@@ -152,17 +152,17 @@ class LocalCluster:
             stdin=subprocess.DEVNULL,
             process_group=0,
         )
-        node = Node(node_id, port, process)
+        node = NodeProcess(node_id, port, process)
         assert process.stdout is not None
         args = (process.stdout, f"[{node_id}]", self.log, node.tail)
         node.pump = threading.Thread(target=pump, args=args, daemon=True)
         node.pump.start()
         return node
 
-    def node(self, node_id: str) -> Node:
+    def node(self, node_id: str) -> NodeProcess:
         return next(node for node in self.members if node.node_id == node_id)
 
-    def exited(self) -> Node | None:
+    def exited(self) -> NodeProcess | None:
         """The first node that has exited, if any."""
         return next((node for node in self.members if node.process.poll() is not None), None)
 
@@ -200,7 +200,7 @@ class LocalCluster:
         self.stop()
 
 
-def _wait_or_kill(node: Node, deadline: float) -> None:
+def _wait_or_kill(node: NodeProcess, deadline: float) -> None:
     """The node, then the rest of its process group (workers and helpers finishing their
     exit), gone by ``deadline``; else SIGKILL to the whole group."""
     try:
