@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, get, post
+from litestar.di import NamedDependency
 from litestar.exceptions import HTTPException
 from litestar.params import Parameter
 
@@ -177,6 +178,6 @@ def answer(outcome: balance.Outcome) -> Response[Any]:
     ),
     summary="A user's balance",
 )
-async def get_user(db: Database, userId: UserId) -> UserBalance:
+async def get_user(db: NamedDependency[Database], userId: UserId) -> UserBalance:
     uid = parse_user_id(userId)
     return UserBalance(userId=uid, balance=await balance.get_balance(db, uid))
