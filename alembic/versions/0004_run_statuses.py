@@ -16,8 +16,7 @@ depends_on = None
 
 OLD = "status IN ('succeeded', 'failed', 'lost', 'cancelled')"
 NEW = (
-    "status IN ('succeeded', 'failed', 'lost', 'cancelled', 'timed_out', 'unresponsive', "
-    "'crashed')"
+    "status IN ('succeeded', 'failed', 'lost', 'cancelled', 'timed_out', 'unresponsive', 'crashed')"
 )
 
 

@@ -61,7 +61,7 @@ def write_waiting(url: str) -> bool:
     rows = sql(
         url,
         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-        "AND query LIKE 'INSERT INTO balance_snapshots%%'",
+        "AND query LIKE '%%INSERT INTO balance_snapshots%%' AND pid <> pg_backend_pid()",
     )
     return bool(rows[0][0])
 
@@ -72,10 +72,14 @@ def holder(cluster: LocalCluster) -> Node:
 
 
 def test_a_write_held_in_its_statement_never_commits_after_the_next_claim(
-    cluster_factory: ClusterFactory, database_url: str, tmp_path: Path
+    cluster_factory: ClusterFactory,
+    database_url: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     jobs = write_jobs(tmp_path / "jobs.toml", [JOB], "30s", "10m", function="tests.jobs:snapshot")
     lock = psycopg.connect(database_url)  # a transaction that blocks every read of users
+    request.addfinalizer(lock.close)
     lock.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
     cluster = cluster_factory(
         2, *node_args(jobs_file=jobs, lease_ttl=TTL, poll=POLL, settle=SETTLE)
@@ -133,7 +137,7 @@ def test_a_forward_clock_step_doubles_no_write(
     observer = next(node for node in cluster.members if node is not first)
     taker = wait_for(
         "the other node to take the job",
-        lambda: running(observer).get(JOB) not in (None, first.node_id),
+        lambda: (owner := running(observer).get(JOB)) != first.node_id and owner,
         timeout=TTL + 5,
     )
     new_token, new_started = lease(database_url)
