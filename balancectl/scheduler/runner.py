@@ -65,8 +65,10 @@ class Run:
             self.task.cancel()
 
     def renewable(self, now: float) -> bool:
-        """Only a run still going, and inside its ``max_duration``, has its lease renewed."""
-        return self.stop_reason is None and not self.recording and now < self.hard_deadline
+        """Only a run still going, inside its ``max_duration`` and its local deadline (the
+        node can still vouch for it: it was not paused past it), has its lease renewed."""
+        going = self.stop_reason is None and not self.recording
+        return going and now < min(self.deadline, self.hard_deadline)
 
     def lease_deadline(self) -> float:
         """Until when (monotonic) the node vouches for this run's lease: the fence's check."""
@@ -177,7 +179,9 @@ class Scheduler:
         while not self._stopping.is_set() and self._may_claim(sent := time.monotonic()):
             may_starve = sent - self._connected_since >= self.settings.starve_after
             alive_at = self._lost_touch_at if sent < self._recovered_by else None
-            names, settings = list(self.specs), self.settings
+            # Never a job this node still runs (a run told to stop may not have ended).
+            names = [name for name in self.specs if name not in self.runs]
+            settings = self.settings
             claim = await self._bounded(
                 "claim",
                 self.store.claim(
@@ -258,7 +262,8 @@ class Scheduler:
 
     async def _renew(self, sent: float) -> None:
         held = {name: run.claim.token for name, run in self.runs.items() if run.renewable(sent)}
-        renewal = await self._bounded("renew", self.store.renew(held, self.claim_deadline))
+        known = list(self.runs)
+        renewal = await self._bounded("renew", self.store.renew(held, known, self.claim_deadline))
         if renewal is None:
             return
         self._heard_back(sent, renewal)

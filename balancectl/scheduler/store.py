@@ -80,14 +80,18 @@ class SchedulerStore:
         )
         return None if row is None else claim_of(row)
 
-    async def renew(self, held: dict[str, int], claim_deadline: float) -> Renewal:
-        """Extend the leases still held under these tokens and heartbeat, in one statement."""
+    async def renew(
+        self, held: dict[str, int], known: Sequence[str], claim_deadline: float
+    ) -> Renewal:
+        """Extend the leases still held under these tokens and heartbeat, in one statement;
+        free a lease of this node older than ``claim_deadline`` that is not ``known``."""
         row = await self.db.fetch_one(
             "renew_leases",
             {
                 "node": self.node,
                 "names": list(held),
                 "tokens": list(held.values()),
+                "known": list(known),
                 "lease_ttl": self.lease_ttl,
                 "claim_deadline": claim_deadline,
             },

@@ -226,9 +226,10 @@ SELECT name, function, token, started_at, min_duration_seconds FROM claimed
 -- One statement per renewal period: extends only the leases this node still holds
 -- under the given tokens, heartbeats the node, and returns the database's now()
 -- (the runner compares its progress with the monotonic clock: a forward step).
--- A lease this node holds but does not know of (a claim whose answer never
--- arrived in time) is released without a history row, since it never ran; only
--- once it is older than `claim_deadline`, after which the node drops any answer.
+-- A lease this node holds but does not know of (`known`: every run it has, renewed
+-- or not; a claim whose answer never arrived in time) is released without a history
+-- row, since it never ran; only once it is older than `claim_deadline`, after which
+-- the node drops any answer.
 WITH renewed AS (
     UPDATE jobs j
     SET lease_expires_at = now() + make_interval(secs => %(lease_ttl)s)
@@ -240,7 +241,7 @@ WITH renewed AS (
     UPDATE jobs j
     SET owner = NULL, lease_expires_at = NULL
     WHERE j.owner = %(node)s AND j.lease_expires_at > now()
-      AND NOT (j.name = ANY(%(names)s::text[]))
+      AND NOT (j.name = ANY(%(known)s::text[]))
       AND j.started_at <= now() - make_interval(secs => %(claim_deadline)s)
     RETURNING j.name
 ), heartbeat AS (
@@ -255,8 +256,9 @@ SELECT now() AS now, (SELECT count(*) FROM heartbeat) AS seen,
 -- Records a claim's run once and releases the job, only under its token.
 -- A lease that already expired, or a run the node gave up (lost, timed_out,
 -- unresponsive, crashed), ends no later than now() and no earlier than its start,
--- and the job is due no sooner than the lease's expiry, so no runs overlap. A run
--- cancelled after its work was done (waiting out min_duration) keeps its interval.
+-- and the job is due no sooner than the lease's expiry, so no runs overlap (a lost
+-- run is due again then; one that misbehaved keeps its interval). A run cancelled
+-- after its work was done (waiting out min_duration) keeps its interval too.
 WITH held AS (
     SELECT name, token, started_at, lease_expires_at, interval_seconds,
            (lease_expires_at <= now()) AS expired,
@@ -268,7 +270,9 @@ WITH held AS (
     UPDATE jobs j
     SET owner = NULL, lease_expires_at = NULL,
         next_run_at = CASE
-            WHEN h.expired OR h.gave_up THEN greatest(h.lease_expires_at, now())
+            WHEN h.expired OR %(status)s = 'lost' THEN greatest(h.lease_expires_at, now())
+            WHEN h.gave_up THEN greatest(h.started_at + make_interval(secs => h.interval_seconds),
+                                         h.lease_expires_at, now())
             WHEN %(status)s = 'cancelled' AND NOT %(work_done)s THEN now()
             ELSE greatest(h.started_at + make_interval(secs => h.interval_seconds), now())
         END

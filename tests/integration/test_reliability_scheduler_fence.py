@@ -1,11 +1,11 @@
 """The fence of a job's writes holds until they commit; a clock step doubles no write.
 
-1. A job's write is held inside its statement (the test locks ``users``, which the
-   snapshot reads). Its node is paused (SIGSTOP) past the lease TTL, then the statement
-   is let go. No row written under the old token may commit after the next claim's
-   ``started_at``: the fence (a ``FOR KEY SHARE`` lock on the job row, taken in the
-   write's own transaction) keeps the claim off until the write's transaction ends, and
-   a paused client loses that transaction on the server within 2 s.
+1. A job's write is held inside its statement (the test's open transaction holds the
+   primary key the job's insert draws). Its node is paused (SIGSTOP) past the lease
+   TTL, then the statement is let go. No row written under the old token may commit
+   after the next claim's ``started_at``: the fence (a ``FOR KEY SHARE`` lock on the job
+   row, taken in the write's own transaction) keeps the claim off until the write's
+   transaction ends, and a paused client loses that transaction on the server within 2 s.
 2. A forward step of the database clock, simulated by stepping the lease's expiry back
    into the past: another node claims the job at once, and from the step on the first
    node writes nothing under its token (every write of a job is fenced).
@@ -51,13 +51,25 @@ def newer(url: str, token: int) -> int | None:
     return current if current > token else None
 
 
+def watch_claim(url: str, token: int, seconds: float) -> tuple[int, int] | None:
+    """For ``seconds``: the first newer token seen, and the old token's rows at that moment."""
+    deadline = time.monotonic() + seconds
+    while True:
+        current = newer(url, token)
+        if current is not None:
+            return current, rows_of(url, token)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.02)
+
+
 def rows_of(url: str, token: int) -> int:
     [(count,)] = sql(url, "SELECT count(*) FROM balance_snapshots WHERE job_token = %s", (token,))
     return int(count)
 
 
 def write_waiting(url: str) -> bool:
-    """The job's snapshot statement waits for the test's lock on ``users``."""
+    """The job's snapshot insert waits for the test's transaction."""
     rows = sql(
         url,
         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
@@ -78,9 +90,14 @@ def test_a_write_held_in_its_statement_never_commits_after_the_next_claim(
     request: pytest.FixtureRequest,
 ) -> None:
     jobs = write_jobs(tmp_path / "jobs.toml", [JOB], "30s", "10m", function="tests.jobs:snapshot")
-    lock = psycopg.connect(database_url)  # a transaction that blocks every read of users
+    # The test's open transaction holds snapshot id 1, the id the job's insert will draw:
+    # that insert waits inside its execution (after its snapshot) until the test lets go.
+    lock = psycopg.connect(database_url)
     request.addfinalizer(lock.close)
-    lock.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+    lock.execute(
+        "INSERT INTO balance_snapshots (id, taken_at, users, total_balance, ledger_entries, "
+        "job_token) OVERRIDING SYSTEM VALUE VALUES (1, now(), 0, 0, 0, 0)"
+    )
     cluster = cluster_factory(
         2, *node_args(jobs_file=jobs, lease_ttl=TTL, poll=POLL, settle=SETTLE)
     )
@@ -90,20 +107,23 @@ def test_a_write_held_in_its_statement_never_commits_after_the_next_claim(
 
     paused.process.send_signal(signal.SIGSTOP)
     try:
-        time.sleep(TTL + 1.5)  # the paused node's lease has expired on the database clock
-        claimed_while_held = lease(database_url)[0] != old_token
-        lock.commit()  # the held statement runs to its end now
+        # Watch past the lease's expiry: a claim seen now was made while the write was held.
+        held_claim = watch_claim(database_url, old_token, seconds=TTL + 1.5)
+        lock.rollback()  # the held insert runs to its end now
         released = time.monotonic()
         lock.close()
-        new_token = wait_for(
-            "another node to claim the job", lambda: newer(database_url, old_token), TTL + 10, 0.02
+        new_token, at_claim = held_claim or wait_for(
+            "another node to claim the job",
+            lambda: watch_claim(database_url, old_token, seconds=0.02),
+            timeout=TTL + 10,
+            every=0.0,
         )
-        took = time.monotonic() - released
-        at_claim = rows_of(database_url, old_token)  # rows committed before the claim was seen
+        took = 0.0 if held_claim else time.monotonic() - released
         time.sleep(1.0)
     finally:
         paused.process.send_signal(signal.SIGCONT)
     later = rows_of(database_url, old_token)
+    claimed_while_held = held_claim is not None
 
     print(
         f"\nclaimed while the write was held: {claimed_while_held}; claimed {took:.2f} s "

@@ -105,6 +105,7 @@ def restart(cluster: LocalCluster, index: int) -> float:
     began = time.monotonic()
     old.process.wait(timeout=30)
     took = time.monotonic() - began
+    old.reap()
     env = {**os.environ, **cluster.env, "BALANCECTL_DATABASE_URL": cluster.database_url}
     cluster.members[index] = cluster._spawn(old.node_id, old.port, env)
     wait_for(f"{old.node_id} to be ready again", lambda: ready(cluster.members[index].url), 60)
