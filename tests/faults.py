@@ -63,8 +63,12 @@ class TcpProxy:
         if self.mode == "reject":
             abort(writer)
             return
-        while self.mode == "drop":  # a new connection hangs, unanswered
-            await asyncio.sleep(0.05)
+        try:
+            while self.mode == "drop":  # a new connection hangs, unanswered
+                await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            abort(writer)  # closed while the proxy stops, not left to the garbage collector
+            raise
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
