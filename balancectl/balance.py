@@ -1,11 +1,15 @@
-"""The balance change: one conditional statement, and its idempotent form."""
+"""The balance change: one conditional statement, and its idempotent form.
+
+A refusal is an ordinary answer, not a failure: both forms return an ``Outcome`` (the
+status and the body the route sends) instead of raising, so a burst's 5,000 refusals
+cost no exception handling. Every body is made here, from the outcome's facts, by the
+same functions for a live answer and for a replayed one.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-
-from psycopg.types.json import Jsonb
 
 from balancectl.db import Database, Row, Session
 from balancectl.errors import (
@@ -18,26 +22,52 @@ from balancectl.errors import (
     problem_document,
 )
 
-
-@dataclass(frozen=True)
-class BalanceChange:
-    """An accepted change: the balance after it."""
-
-    user_id: int
-    balance: int
-    amount: int
-
-    def document(self) -> dict[str, int]:
-        return {"userId": self.user_id, "balance": self.balance, "amount": self.amount}
+INT64_MAX = 2**63 - 1
+# Conditional attempts before deciding on the locked row. Each retry follows a refusal
+# whose snapshot would have covered the change, i.e. the row moved during the statement.
+OPTIMISTIC_ATTEMPTS = 3
 
 
-@dataclass(frozen=True)
-class Response:
-    """A stored outcome of a keyed request: replayed as it was first answered."""
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a change came to: its HTTP status and body; ``replayed`` for a stored one."""
 
     status: int
     body: dict[str, Any]
-    replayed: bool
+    replayed: bool = False
+
+
+def accepted(user_id: int, amount: int, balance: int) -> Outcome:
+    return Outcome(200, {"userId": user_id, "balance": balance, "amount": amount})
+
+
+def refused(user_id: int, amount: int, balance: int | None) -> Outcome:
+    """The refusal of ``amount`` against ``balance`` (``None``: there is no such user)."""
+    return Outcome(*_problem(refusal(user_id, amount, balance)))
+
+
+def refusal(user_id: int, amount: int, balance: int | None) -> BalancectlError:
+    """The domain error that says why ``amount`` cannot apply to ``balance``."""
+    if balance is None:
+        return UserNotFound(f"user {user_id} does not exist", userId=user_id)
+    if amount < 0:
+        return InsufficientFunds(
+            f"the balance {balance} does not cover a debit of {-amount}",
+            balance=balance,
+            amount=amount,
+        )
+    return BalanceOverflow(
+        f"a credit of {amount} would take the balance past 2^63-1", balance=balance, amount=amount
+    )
+
+
+def covers(balance: int, amount: int) -> bool:
+    """Whether ``amount`` applied to ``balance`` stays within 0..2^63-1."""
+    return balance >= -amount and balance <= INT64_MAX - max(amount, 0)
+
+
+def _problem(error: BalancectlError) -> tuple[int, dict[str, Any]]:
+    return error.status, problem_document(error)
 
 
 async def get_balance(db: Database, user_id: int) -> int:
@@ -47,64 +77,51 @@ async def get_balance(db: Database, user_id: int) -> int:
     return int(row["balance"])
 
 
-async def change_balance(db: Database, user_id: int, amount: int) -> BalanceChange:
-    """Apply ``amount`` to the balance at once, or raise the domain error that says why not."""
+async def change_balance(db: Database, user_id: int, amount: int) -> Outcome:
+    """Apply ``amount`` at once, or refuse it against a balance that was true during the call.
+
+    The conditional statement takes no lock when it refuses; if its snapshot would have
+    covered the change (a concurrent change moved the row), it is tried again, and after
+    ``OPTIMISTIC_ATTEMPTS`` the locking form decides on the newest row.
+    """
+    params = {"user_id": user_id, "amount": amount}
     async with db.session() as session:
-        return await _apply(session, user_id, amount, None)
+        for _ in range(OPTIMISTIC_ATTEMPTS):
+            row = await _one(session, "change_balance", params)
+            if row["balance"] is not None:
+                return accepted(user_id, amount, int(row["balance"]))
+            if row["seen"] is None or not covers(int(row["seen"]), amount):
+                return refused(user_id, amount, _int(row["seen"]))
+        return _decided(user_id, amount, await _one(session, "change_balance_locked", params))
 
 
-async def change_balance_once(db: Database, user_id: int, amount: int, key: str) -> Response:
-    """Apply the change once per ``key``; a repeat gets the first outcome back."""
-    async with db.transaction() as tx:
-        claimed = await tx.fetch_one(
-            "claim_idempotency_key", {"key": key, "user_id": user_id, "amount": amount}
-        )
-        if claimed is None:
-            return await _replay(tx, key, user_id, amount)
-        response = await _respond(tx, user_id, amount, key)
-        await tx.execute(
-            "store_idempotent_response",
-            {"key": key, "status_code": response.status, "response": Jsonb(response.body)},
-        )
-        return response
-
-
-async def _apply(session: Session, user_id: int, amount: int, key: str | None) -> BalanceChange:
-    row = await session.fetch_one(
-        "change_balance", {"user_id": user_id, "amount": amount, "key": key}
-    )
-    assert row is not None
-    return _outcome(user_id, amount, row)
-
-
-def _outcome(user_id: int, amount: int, row: Row) -> BalanceChange:
+def _decided(user_id: int, amount: int, row: Row) -> Outcome:
     if row["balance"] is not None:
-        return BalanceChange(user_id, int(row["balance"]), amount)
-    if row["previous"] is None:
-        raise UserNotFound(f"user {user_id} does not exist", userId=user_id)
-    balance = int(row["previous"])
-    if amount < 0:
-        raise InsufficientFunds(
-            f"the balance {balance} does not cover a debit of {-amount}",
-            balance=balance,
-            amount=amount,
-        )
-    raise BalanceOverflow(
-        f"a credit of {amount} would take the balance past 2^63-1",
-        balance=balance,
-        amount=amount,
-    )
+        return accepted(user_id, amount, int(row["balance"]))
+    return refused(user_id, amount, _int(row["seen"]))
 
 
-async def _respond(session: Session, user_id: int, amount: int, key: str) -> Response:
-    try:
-        change = await _apply(session, user_id, amount, key)
-    except (UserNotFound, InsufficientFunds, BalanceOverflow) as error:
-        return Response(error.status, problem_document(error), replayed=False)
-    return Response(200, change.document(), replayed=False)
+async def change_balance_once(db: Database, user_id: int, amount: int, key: str) -> Outcome:
+    """Apply the change once per ``key`` in one statement; a repeat gets the first outcome."""
+    params = {"user_id": user_id, "amount": amount, "key": key}
+    async with db.session() as session:
+        row = await _one(session, "change_balance_once", params)
+        if row["status"] is not None:
+            return stored_outcome(user_id, amount, int(row["status"]), row["response"])
+        return await _replay(session, key, user_id, amount)
 
 
-async def _replay(session: Session, key: str, user_id: int, amount: int) -> Response:
+def stored_outcome(user_id: int, amount: int, status: int, facts: dict[str, Any]) -> Outcome:
+    """The answer for a key's stored ``status`` and facts (``{"balance": ...}``)."""
+    if "status" in facts or "userId" in facts:
+        return Outcome(status, dict(facts))  # a whole body, stored before version 0.2
+    balance = _int(facts.get("balance"))
+    if status == 200 and balance is not None:
+        return accepted(user_id, amount, balance)
+    return refused(user_id, amount, None if status == 404 else balance)
+
+
+async def _replay(session: Session, key: str, user_id: int, amount: int) -> Outcome:
     stored = await session.fetch_one("get_idempotency_key", {"key": key})
     if stored is None or stored["status_code"] is None:
         raise Unavailable("the idempotency key is being settled; retry with the same key")
@@ -113,13 +130,22 @@ async def _replay(session: Session, key: str, user_id: int, amount: int) -> Resp
             "this Idempotency-Key was first used with another user or amount",
             key=key,
         )
-    return Response(int(stored["status_code"]), dict(stored["response"]), replayed=True)
+    outcome = stored_outcome(user_id, amount, int(stored["status_code"]), stored["response"])
+    return Outcome(outcome.status, outcome.body, replayed=True)
+
+
+async def _one(session: Session, name: str, params: dict[str, Any]) -> Row:
+    row = await session.fetch_one(name, params)
+    assert row is not None  # each of these statements returns exactly one row
+    return row
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 __all__ = [
-    "BalanceChange",
-    "BalancectlError",
-    "Response",
+    "Outcome",
     "change_balance",
     "change_balance_once",
     "get_balance",

@@ -106,7 +106,12 @@ def serve(
         bool, typer.Option(envvar=env("insecure"), help="Allow a non-loopback host without token.")
     ] = False,
     pool_size: Annotated[
-        int, typer.Option(envvar=env("pool-size"), min=1, help="Hot-path connections.")
+        int,
+        typer.Option(
+            envvar=env("pool-size"),
+            min=1,
+            help="Request connections of the node, shared by its workers.",
+        ),
     ] = 5,
     pool_timeout: Annotated[
         float, typer.Option(envvar=env("pool-timeout"), min=0.1, help="Wait for a connection, s.")
@@ -120,9 +125,25 @@ def serve(
     db_wait: Annotated[
         float, typer.Option(envvar=env("db-wait"), min=0, help="Wait for the database at start, s.")
     ] = 30.0,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            envvar=env("workers"),
+            min=1,
+            max=64,
+            help="HTTP worker processes (default: the CPU count); one scheduler per node.",
+            show_default=False,
+        ),
+    ] = None,
+    backlog: Annotated[
+        int,
+        typer.Option(envvar=env("backlog"), min=1, help="Listen backlog (capped by somaxconn)."),
+    ] = 16384,
     log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
 ) -> None:
-    """One node: the API and the scheduler; migrates on start."""
+    """One node: W HTTP workers and one scheduler; migrates on start."""
+    import os
+
     from balancectl import node
     from balancectl.config import NodeSettings, PoolSettings, SchedulerSettings
     from balancectl.scheduler import load_jobs
@@ -136,6 +157,9 @@ def serve(
         port=port,
         api_token=api_token,
         insecure=insecure,
+        workers=workers or os.cpu_count() or 1,
+        backlog=backlog,
+        log_level=log_level,
         pool=PoolSettings(
             max_size=pool_size, timeout=pool_timeout, prepared_statements=not no_prepare
         ),

@@ -22,7 +22,16 @@ class PoolSettings:
     max_waiting: int = 20000
     prepared_statements: bool = True
     # One statement never takes this long unless the link is cut; then: 503, not a hang.
+    # The server enforces it too (statement_timeout), so a cut-off statement ends there.
     statement_timeout: float = 10.0
+    # A transaction left idle this long (its node paused, stalled or cut off) is ended by
+    # the server, and its row locks with it: nobody waits behind a stalled node for longer.
+    idle_in_transaction_timeout: float = 1.0
+    # A statement waits this long for a row lock, then fails with nothing applied (a 503).
+    # Above the hot row's queue in a 10,000-request burst; below the statement deadline.
+    lock_timeout: float = 5.0
+    # TCP keepalives and tcp_user_timeout: a link that goes silent is dropped after this.
+    link_timeout: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -62,11 +71,18 @@ class NodeSettings:
     insecure: bool = False
     idempotency_retention: float = 24 * 3600.0
     max_body_bytes: int = 4096
+    # HTTP worker processes sharing the node's socket; the node still runs one scheduler.
+    workers: int = 1
+    # Ask the kernel for an accept queue as long as a burst (net.core.somaxconn caps it).
+    backlog: int = 16384
+    log_level: str = "INFO"
     pool: PoolSettings = field(default_factory=PoolSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
 
     def __post_init__(self) -> None:
         check_database_url(self.database_url)
+        if self.workers < 1:
+            raise ConfigError("--workers must be at least 1")
         if self.scheduler.lease_ttl <= 0:
             raise ConfigError("--lease-ttl must be a positive number of seconds")
         if not is_loopback(self.host) and not self.api_token and not self.insecure:

@@ -7,6 +7,10 @@ cannot be reached in time surfaces as the domain error ``Unavailable``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import os
+import socket
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -14,8 +18,9 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
+from balancectl.admission import Admission, AdmissionFull, AdmissionTimeout
 from balancectl.config import PoolSettings
 from balancectl.errors import BalancectlError, Unavailable
 from balancectl.queries import query
@@ -27,8 +32,17 @@ FAILING_WAIT = 1.0  # seconds a request waits for a connection while the databas
 # before it tried again. Giving an attempt up after 2 s lets the next request start a new
 # one at once, so a pool is back within about 2 s of the database.
 RECONNECT_GIVE_UP = 2.0
+# How long a statement past its deadline (or whose caller was cancelled) gets for the
+# server's cancel, then for the answer to it, before its connection is cut: a cancel to
+# a dead server must not hang the caller (psycopg's own waits are 5 s + 5 s).
+CANCEL_WAIT = 0.4
 UNKNOWN = "A statement was sent: it may have been applied; retry with the same Idempotency-Key"
+# Errors the server reports when it gave up the statement (and so its transaction):
+# lock_timeout, statement_timeout, idle_in_transaction_session_timeout, a serialization
+# failure, a deadlock. The database answers; nothing was applied.
+NOT_APPLIED_STATES = frozenset({"55P03", "57014", "25P03", "40001", "40P01"})
 Params = Mapping[str, Any]
+log = logging.getLogger("balancectl.db")
 
 
 class Session:
@@ -38,8 +52,14 @@ class Session:
     gives ``Unavailable`` in time instead of a hang; the query is cancelled behind.
     """
 
-    def __init__(self, connection: psycopg.AsyncConnection[Row], deadline: float) -> None:
+    def __init__(
+        self,
+        connection: psycopg.AsyncConnection[Row],
+        deadline: float,
+        health: Health | None = None,
+    ) -> None:
         self._connection, self._deadline = connection, deadline
+        self._health = health or Health()
 
     async def fetch_one(self, name: str, params: Params | None = None) -> Row | None:
         cursor = await self._execute(name, params)
@@ -70,18 +90,82 @@ class Session:
         running = asyncio.ensure_future(
             self._connection.execute(statement, params, prepare=prepare)
         )
-        done, _ = await asyncio.wait({running}, timeout=self._deadline)
+        try:
+            done, _ = await asyncio.wait({running}, timeout=self._deadline)
+        except asyncio.CancelledError:
+            # The caller gave up (a deadline of its own, a stopping task): so does the server.
+            await abandon(self._connection, running)
+            raise
         if not done:
-            running.cancel()  # psycopg cancels the query server-side, in the background
+            await abandon(self._connection, running)
             raise NoAnswer(
                 f"the database did not answer within {self._deadline:g} s. {UNKNOWN}",
                 outcome="unknown",
             )
-        return running.result()
+        cursor = running.result()
+        self._health.answered()
+        return cursor
+
+
+async def abandon(connection: psycopg.AsyncConnection[Row], running: asyncio.Future[Any]) -> None:
+    """End a statement nobody waits for any more: cancelled on the server, or its link cut.
+
+    The cancel and the wait for its answer are each bounded by ``CANCEL_WAIT``; when the
+    server cannot be reached (a silent link) the connection's socket is shut down, so
+    psycopg fails the statement at once and the pool discards the connection. The server
+    then ends the statement itself, at its ``statement_timeout``.
+    """
+    running.add_done_callback(retrieve)
+    done = False
+    try:
+        await connection.cancel_safe(timeout=CANCEL_WAIT)
+        done = bool((await asyncio.wait({running}, timeout=CANCEL_WAIT))[0])
+    except (psycopg.Error, OSError) as error:
+        log.debug("cancel not delivered: %s", first_line(error))
+    if not done:
+        sever(connection)
+        done = bool((await asyncio.wait({running}, timeout=CANCEL_WAIT))[0])
+    if not done:
+        running.cancel()
+
+
+def sever(connection: psycopg.AsyncConnection[Row]) -> None:
+    """Shut the connection's socket down (not close it: psycopg still owns the descriptor)."""
+    with contextlib.suppress(OSError, psycopg.Error):
+        with socket.socket(fileno=os.dup(connection.pgconn.socket)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def retrieve(future: asyncio.Future[Any]) -> None:
+    """An abandoned statement's outcome is nobody's business: read it, so asyncio is quiet."""
+    if not future.cancelled():
+        future.exception()
 
 
 class NoAnswer(Unavailable):
     """A statement got no answer within its deadline: the link or the server is failing."""
+
+
+class Health:
+    """Whether the database answers, told apart from load.
+
+    A wait for a connection that times out means failure only if no statement was
+    answered during the wait: under a burst, statements keep answering and a request
+    that queued too long is load, not a reason to cut every other request's wait short.
+    """
+
+    def __init__(self) -> None:
+        self.failing_since: float | None = None
+        self.answered_at = float("-inf")
+
+    def answered(self) -> None:
+        self.answered_at, self.failing_since = time.monotonic(), None
+
+    def failed(self) -> None:
+        self.failing_since = self.failing_since or time.monotonic()
+
+    def answered_since(self, moment: float) -> bool:
+        return self.answered_at >= moment
 
 
 class Database:
@@ -101,7 +185,9 @@ class Database:
             name=name,
             open=False,
         )
-        self._failing_since: float | None = None
+        self.health = Health()
+        # Requests queue here, not in the pool: a burst's waiters cost a future each.
+        self.admission = Admission(settings.max_size, settings.max_waiting)
 
     async def open(self, *, wait: bool = False) -> None:
         await self.pool.open(wait=wait, timeout=self.settings.timeout)
@@ -116,29 +202,48 @@ class Database:
         While the database is failing, waits for a connection are cut short, so
         requests answer 503 at once instead of queueing for the full timeout.
         """
+        asked = time.monotonic()
         try:
-            async with self.pool.connection(timeout=self._wait()) as connection:
-                yield Session(connection, self.settings.statement_timeout)
-        except PoolTimeout as error:
-            self._failing_since = self._failing_since or time.monotonic()
+            async with (
+                self.admission.place(self._wait()),
+                self.pool.connection(timeout=self._wait()) as connection,
+            ):
+                yield Session(connection, self.settings.statement_timeout, self.health)
+        except (PoolTimeout, TooManyRequests, AdmissionTimeout, AdmissionFull) as error:
+            timed_out = isinstance(error, PoolTimeout | AdmissionTimeout)
+            if timed_out and not self.health.answered_since(asked):
+                self.health.failed()
             raise Unavailable(
                 f"no database connection in time, nothing was sent: {first_line(error)}",
                 outcome="not-applied",
             ) from error
-        except psycopg.OperationalError as error:
-            self._failing_since = self._failing_since or time.monotonic()
-            raise Unavailable(
-                f"the database connection failed: {first_line(error)}. {UNKNOWN}",
-                outcome="unknown",
-            ) from error
+        except psycopg.Error as error:
+            unavailable = self._unavailable(error)
+            if unavailable is None:
+                raise  # our statement was wrong: a bug, not an outage
+            raise unavailable from error
         except NoAnswer:
             # A silent link (packets dropped) fails this way, not with a connection error.
-            self._failing_since = self._failing_since or time.monotonic()
+            self.health.failed()
             raise
-        self._failing_since = None
+
+    def _unavailable(self, error: psycopg.Error) -> Unavailable | None:
+        """The 503 for a driver error, or ``None`` when it says our statement was wrong."""
+        if error.sqlstate in NOT_APPLIED_STATES:
+            return Unavailable(
+                f"the database gave the statement up, nothing was applied: {first_line(error)}",
+                outcome="not-applied",
+            )
+        if not isinstance(error, psycopg.OperationalError):
+            return None
+        self.health.failed()
+        return Unavailable(
+            f"the database connection failed: {first_line(error)}. {UNKNOWN}",
+            outcome="unknown",
+        )
 
     def _wait(self) -> float:
-        if self._failing_since is None:
+        if self.health.failing_since is None:
             return self.settings.timeout
         return min(self.settings.timeout, FAILING_WAIT)
 
@@ -152,7 +257,7 @@ class Database:
         connection.
         """
         async with self.session() as session:
-            await session.command("BEGIN")
+            await session.command(begin(self.settings))
             try:
                 yield session
             except BalancectlError as error:
@@ -181,12 +286,65 @@ class Database:
         return {
             "size": stats.get("pool_size", 0),
             "available": stats.get("pool_available", 0),
-            "waiting": stats.get("requests_waiting", 0),
+            "waiting": stats.get("requests_waiting", 0) + self.admission.waiting,
         }
 
 
+def session_settings(settings: PoolSettings) -> dict[str, str]:
+    """The server settings every statement runs under (milliseconds for the timeouts)."""
+    return {
+        "default_transaction_isolation": "read committed",  # what the balance change relies on
+        "statement_timeout": milliseconds(settings.statement_timeout),
+        "lock_timeout": milliseconds(settings.lock_timeout),
+        "idle_in_transaction_session_timeout": milliseconds(settings.idle_in_transaction_timeout),
+    }
+
+
+def begin(settings: PoolSettings) -> str:
+    """``BEGIN`` with the session settings made ``LOCAL``, in one message (no round trip more).
+
+    A transaction-pooling PgBouncer drops or refuses startup ``options``, but a transaction
+    stays on one server connection, so these hold there too: a stalled node's open
+    transaction is ended by the server, whatever sits between.
+    """
+    values = session_settings(settings)
+    isolation = values.pop("default_transaction_isolation").upper()
+    local = "".join(f"; SET LOCAL {name} = {value}" for name, value in values.items())
+    return f"BEGIN ISOLATION LEVEL {isolation}{local}"
+
+
+def startup_options(settings: PoolSettings) -> str:
+    """libpq ``options``: the session settings, set by the server as the connection starts."""
+    values = session_settings(settings)
+    # A space inside a value is escaped with a backslash in libpq's options.
+    escaped = {name: value.replace(" ", "\\ ") for name, value in values.items()}
+    return " ".join(f"-c {name}={value}" for name, value in escaped.items())
+
+
+def keepalive_kwargs(link_timeout: float) -> dict[str, int]:
+    """TCP keepalives and ``tcp_user_timeout``: a silent link fails in ``link_timeout`` s."""
+    idle = max(1, int(link_timeout / 2))
+    return {
+        "keepalives": 1,
+        "keepalives_idle": idle,
+        "keepalives_interval": 1,
+        "keepalives_count": max(1, round(link_timeout) - idle),
+        "tcp_user_timeout": int(link_timeout * 1000),  # unacknowledged data, in milliseconds
+    }
+
+
+def milliseconds(seconds: float) -> str:
+    return str(max(1, round(seconds * 1000)))
+
+
 def connection_kwargs(settings: PoolSettings) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"autocommit": True, "row_factory": dict_row, "connect_timeout": 5}
+    kwargs: dict[str, Any] = {
+        "autocommit": True,
+        "row_factory": dict_row,
+        "connect_timeout": 5,
+        "options": startup_options(settings),
+        **keepalive_kwargs(settings.link_timeout),
+    }
     if not settings.prepared_statements:
         # Behind a transaction-pooling PgBouncer older than 1.21, server-side
         # prepared statements would land on other server connections.

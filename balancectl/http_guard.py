@@ -7,13 +7,20 @@ closes a connection whose request head is not complete ``HEAD_TIMEOUT`` seconds 
 the connection opened or the request began, and answers 400 to a head over
 ``MAX_HEAD_BYTES``. Idle keep-alive connections are still uvicorn's business
 (``timeout_keep_alive``).
+
+Every 400 it sends (malformed HTTP, a head too large) is a problem document
+(``application/problem+json``, type ``urn:balancectl:problem:bad-request``) like every
+other error of the API, not uvicorn's plain text; the connection is closed after it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from balancectl.api.problems import PROBLEM_JSON, http_problem
 
 HEAD_TIMEOUT = 10.0
 MAX_HEAD_BYTES = 16 * 1024
@@ -59,6 +66,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request it cannot parse, as a problem document."""
+        body = json.dumps(http_problem(400, msg)).encode()
+        head = [STATUS_LINE[400]]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        head += [
+            f"content-type: {PROBLEM_JSON}\r\n".encode(),
+            f"content-length: {len(body)}\r\n".encode(),
+            b"connection: close\r\n\r\n",
+        ]
+        self.transport.write(b"".join([*head, body]))
+        self.transport.close()
 
     def _too_slow(self) -> None:
         self._head_timer = None

@@ -27,6 +27,7 @@ from balancectl.errors import ConfigError
 from balancectl.limits import raise_open_files_limit
 
 __all__ = [
+    "Burst",
     "Check",
     "LatencyStats",
     "LoadtestConfig",
@@ -36,6 +37,7 @@ __all__ = [
     "Verdict",
     "build_verdict_table",
     "classify",
+    "fire_burst",
     "judge",
     "percentile",
     "raise_open_files_limit",
@@ -174,6 +176,7 @@ class LoadtestReport:
     open_files_limit: int
     open_files_needed: int
     open_files_note: str | None
+    client_cpu_seconds: float = 0.0
 
     @property
     def passed(self) -> bool:
@@ -328,11 +331,18 @@ def _stat_rows(report: LoadtestReport) -> list[tuple[str, str]]:
         ("latency max", f"{lat.max_ms:.1f} ms"),
         ("wall time", f"{report.wall_seconds:.2f} s"),
         ("throughput", f"{report.requests_per_second:.0f} req/s"),
+        ("client CPU", _client_cpu_text(report)),
         ("urls", str(report.url_count)),
     ]
     if report.idempotent:
         rows += [("retries", str(report.retries)), ("replayed", str(report.replayed))]
     return rows
+
+
+def _client_cpu_text(report: LoadtestReport) -> str:
+    """This process's CPU time over the burst: near the wall time, the client is the limit."""
+    share = report.client_cpu_seconds / report.wall_seconds if report.wall_seconds else 0.0
+    return f"{report.client_cpu_seconds:.2f} s ({share:.0%} of a core)"
 
 
 def report_json(report: LoadtestReport) -> dict[str, object]:
@@ -355,6 +365,7 @@ def report_json(report: LoadtestReport) -> dict[str, object]:
         "latency_ms": _latency_json(report.latency),
         "wall_seconds": report.wall_seconds,
         "requests_per_second": report.requests_per_second,
+        "client_cpu_seconds": report.client_cpu_seconds,
         "urls": list(report.urls),
         "url_count": report.url_count,
         "idempotent": report.idempotent,
@@ -494,6 +505,23 @@ def _progress_bar(enabled: bool) -> Progress:
     )
 
 
+@dataclass(frozen=True)
+class Burst:
+    """What the client saw of one burst: each request, the wall time, its own CPU time."""
+
+    results: list[RequestResult]
+    wall_seconds: float
+    client_cpu_seconds: float
+
+
+async def fire_burst(config: LoadtestConfig) -> Burst:
+    """Fire every request at the same moment from a fresh session; no reset, no verdict."""
+    async with _open_session(config) as session:
+        cpu = time.process_time()
+        results, wall = await _burst(session, config)
+        return Burst(results, wall, time.process_time() - cpu)
+
+
 async def _burst(
     session: aiohttp.ClientSession, config: LoadtestConfig
 ) -> tuple[list[RequestResult], float]:
@@ -572,21 +600,16 @@ async def run_loadtest(config: LoadtestConfig) -> LoadtestReport:
         start_balance = await _get_balance(session, config)
     # A session of its own: no burst request rides on a kept-alive connection that
     # the server may be closing at that very moment.
-    async with _open_session(config) as session:
-        results, wall = await _burst(session, config)
+    burst = await fire_burst(config)
     async with _open_session(config) as session:
         final_balance = await _get_balance(session, config)
-    return _build_report(config, start_balance, results, final_balance, wall, soft)
+    return _build_report(config, start_balance, burst, final_balance, soft)
 
 
 def _build_report(
-    config: LoadtestConfig,
-    start_balance: int,
-    results: list[RequestResult],
-    final_balance: int,
-    wall: float,
-    open_files: int,
+    config: LoadtestConfig, start_balance: int, burst: Burst, final_balance: int, open_files: int
 ) -> LoadtestReport:
+    results, wall = burst.results, burst.wall_seconds
     outcomes = (r.outcome for r in results)
     needed = config.requests + FD_MARGIN
     return LoadtestReport(
@@ -602,4 +625,5 @@ def _build_report(
         open_files_limit=open_files,
         open_files_needed=needed,
         open_files_note=_open_files_note(open_files, needed),
+        client_cpu_seconds=burst.client_cpu_seconds,
     )

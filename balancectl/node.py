@@ -1,36 +1,39 @@
-"""Run one node: migrate, bind, serve the app under uvicorn until SIGTERM or Ctrl-C."""
+"""Run one node, the composition root: bind, migrate, start the HTTP workers, run the scheduler.
+
+A node is one supervisor process and W HTTP worker processes (``balancectl.worker``)
+that share its listening socket. The supervisor owns the node's identity: it runs the
+node's one scheduler (its own pools, its own event loop, never slowed by HTTP), keeps
+the workers running, and on SIGTERM or Ctrl-C stops them and the scheduler, then exits
+as that signal would.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import socket
-import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import replace
 
 import psycopg
 import sqlalchemy.exc
-import uvicorn
 
 from balancectl import migrations
-from balancectl.api import create_app
-from balancectl.config import NodeSettings
+from balancectl.config import NodeSettings, PoolSettings
+from balancectl.db import Database
 from balancectl.errors import ConfigError
-from balancectl.http_guard import GuardedHttpToolsProtocol
 from balancectl.limits import raise_open_files_limit
-from balancectl.scheduler import JobSpec
+from balancectl.logs import configure_logging
+from balancectl.scheduler import JobRetention, JobSpec, Scheduler, SchedulerStore
+from balancectl.workers import Workers, WorkersFailed
 
 log = logging.getLogger("balancectl.node")
+SOMAXCONN = "/proc/sys/net/core/somaxconn"
 
-
-def configure_logging(node_id: str, level: str = "INFO") -> None:
-    """Logs go to stderr, one line each, named by node."""
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=level.upper(),
-        format=f"%(asctime)s %(levelname)s {node_id} %(name)s: %(message)s",
-        force=True,
-    )
+__all__ = ["bind", "configure_logging", "migrate_when_reachable", "serve"]
 
 
 def migrate_when_reachable(database_url: str, wait: float) -> None:
@@ -48,8 +51,8 @@ def migrate_when_reachable(database_url: str, wait: float) -> None:
             time.sleep(1.0)
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """Bind the listening socket here, so a port in use is one clear error."""
+def bind(host: str, port: int, backlog: int = 16384) -> socket.socket:
+    """Bind and listen here, so a port in use is one clear error; workers share the socket."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -58,24 +61,117 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as error:
         sock.close()
         raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror}") from error
+    sock.listen(backlog)
+    warn_if_backlog_capped(backlog)
     sock.set_inheritable(True)
     return sock
 
 
+def warn_if_backlog_capped(backlog: int) -> None:
+    """Say once when the kernel shortens the accept queue a burst needs."""
+    try:
+        with open(SOMAXCONN) as limit:
+            cap = int(limit.read())
+    except (OSError, ValueError):
+        return
+    if cap < backlog:
+        log.warning(
+            "listen backlog %d is capped at %d by net.core.somaxconn: more simultaneous "
+            "connects than that wait for SYN retries (sysctl -w net.core.somaxconn=%d)",
+            backlog,
+            cap,
+            backlog,
+        )
+
+
 def serve(settings: NodeSettings, specs: Sequence[JobSpec], db_wait: float = 30.0) -> None:
     """Migrate, then serve the API and run the scheduler until asked to stop."""
-    sock = bind(settings.host, settings.port)
+    sock = bind(settings.host, settings.port, settings.backlog)
     raise_open_files_limit()
     migrate_when_reachable(settings.database_url, db_wait)
-    config = uvicorn.Config(
-        create_app(settings, specs),
-        backlog=4096,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=10,
-        timeout_keep_alive=30,
-        lifespan="on",
-        http=GuardedHttpToolsProtocol,
+    try:
+        received = asyncio.run(supervise(settings, specs, sock))
+    except WorkersFailed as error:
+        raise ConfigError(f"node {settings.node_id} cannot serve: {error}") from error
+    if received is not None:
+        # Exit as the signal would have made us (status 128 + n in a shell), like uvicorn.
+        signal.signal(received, signal.SIG_DFL)
+        signal.raise_signal(received)
+
+
+async def supervise(
+    settings: NodeSettings, specs: Sequence[JobSpec], sock: socket.socket
+) -> signal.Signals | None:
+    """Run the workers and the scheduler until SIGTERM or SIGINT; the signal received."""
+    stop, received = asyncio.Event(), list[signal.Signals]()
+
+    def on_signal(number: signal.Signals) -> None:
+        received.append(number)
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(number, on_signal, number)
+    with Workers(settings, sock) as workers:
+        if await workers.wait_started(until=stop):
+            async with scheduled(settings, specs):
+                workers.node_ready.set()
+                log.info(
+                    "node %s listening on http://%s:%d with %d workers",
+                    settings.node_id,
+                    settings.host,
+                    settings.port,
+                    settings.workers,
+                )
+                await workers.keep_running(until=stop)
+                workers.terminate()  # they drain while the scheduler hands its jobs back
+        workers.terminate()
+        await workers.wait()
+    return received[0] if received else None
+
+
+def scheduler_pool(settings: NodeSettings) -> PoolSettings:
+    """A small pool of its own, so a burst of requests never delays a lease renewal."""
+    return replace(
+        settings.pool,
+        min_size=1,
+        max_size=3,
+        timeout=settings.scheduler.renew_every,
+        statement_timeout=settings.scheduler.renew_every,
+        max_waiting=100,
     )
-    log.info("node %s listening on http://%s:%d", settings.node_id, settings.host, settings.port)
-    uvicorn.Server(config).run(sockets=[sock])
+
+
+def job_pool(settings: NodeSettings) -> PoolSettings:
+    """The jobs' own work (an audit over the whole ledger) may take longer than a renewal."""
+    return replace(settings.pool, min_size=1, max_size=2, statement_timeout=300.0)
+
+
+@asynccontextmanager
+async def opened(db: Database) -> AsyncIterator[Database]:
+    await db.open()
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
+@asynccontextmanager
+async def scheduled(settings: NodeSettings, specs: Sequence[JobSpec]) -> AsyncIterator[None]:
+    """Run the node's one scheduler (unless disabled); stop it before its pools close."""
+    if not settings.scheduler.enabled or not specs:
+        yield
+        return
+    url = settings.database_url
+    async with (
+        opened(Database(url, scheduler_pool(settings), name="scheduler")) as db,
+        opened(Database(url, job_pool(settings), name="jobs")) as job_db,
+    ):
+        store = SchedulerStore(db, settings.node_id, settings.scheduler.lease_ttl)
+        retention = JobRetention(idempotency_seconds=settings.idempotency_retention)
+        scheduler = Scheduler(store, specs, settings.scheduler, job_db, retention)
+        await scheduler.start()
+        try:
+            yield
+        finally:
+            await scheduler.stop()

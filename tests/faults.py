@@ -63,22 +63,28 @@ class TcpProxy:
         if self.mode == "reject":
             abort(writer)
             return
+        self._writers.add(writer)  # reset with the others, even while it hangs
         try:
-            while self.mode == "drop":  # a new connection hangs, unanswered
-                await asyncio.sleep(0.05)
-        except asyncio.CancelledError:
-            abort(writer)  # closed while the proxy stops, not left to the garbage collector
-            raise
+            await self._forward(reader, writer)
+        finally:
+            abort(writer)
+            self._writers.discard(writer)
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while self.mode == "drop":  # a new connection hangs, unanswered
+            await asyncio.sleep(0.05)
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
-            abort(writer)
             return
-        self._writers |= {writer, up_writer}
-        await asyncio.gather(
-            self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
-        )
-        self._writers -= {writer, up_writer}
+        self._writers.add(up_writer)
+        try:
+            await asyncio.gather(
+                self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
+            )
+        finally:
+            abort(up_writer)
+            self._writers.discard(up_writer)
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass
+from typing import Protocol
 
 from litestar import Litestar
 from litestar.datastructures import State
@@ -15,81 +17,65 @@ import balancectl
 from balancectl.api import balance_routes, jobs_routes, ops_routes
 from balancectl.api.metrics import Metrics, MetricsMiddleware
 from balancectl.api.problems import exception_handlers
-from balancectl.config import NodeSettings, PoolSettings
+from balancectl.config import NodeSettings
 from balancectl.db import Database
 from balancectl.migrations import head_revision
-from balancectl.scheduler import JobRetention, JobSpec, Scheduler, SchedulerStore
+
+POOL_SAMPLE_EVERY = 1.0  # seconds
 
 
-def scheduler_pool(settings: NodeSettings) -> PoolSettings:
-    """A small pool of its own, so a burst of requests never delays a lease renewal."""
-    return replace(
-        settings.pool,
-        min_size=1,
-        max_size=3,
-        timeout=settings.scheduler.renew_every,
-        statement_timeout=settings.scheduler.renew_every,
-        max_waiting=100,
-    )
+class Ready(Protocol):
+    """A flag another process sets (a ``multiprocessing.Event``)."""
+
+    def is_set(self) -> bool: ...
 
 
-def job_pool(settings: NodeSettings) -> PoolSettings:
-    """The jobs' own work (an audit over the whole ledger) may take longer than a renewal."""
-    return replace(settings.pool, min_size=1, max_size=2, statement_timeout=300.0)
+@dataclass
+class Resources:
+    """What the lifespan opens, handed to handlers without a per-request ``State`` copy."""
 
+    db: Database | None = None
 
-@asynccontextmanager
-async def opened(db: Database) -> AsyncIterator[Database]:
-    await db.open()
-    try:
-        yield db
-    finally:
-        await db.close()
+    def database(self) -> Database:
+        assert self.db is not None, "the request pool opens in the app's lifespan"
+        return self.db
 
 
 def lifespan(
-    settings: NodeSettings, specs: Sequence[JobSpec]
+    settings: NodeSettings, resources: Resources
 ) -> Callable[[Litestar], AbstractAsyncContextManager[None]]:
-    """Open the request pool, then (unless disabled) run the scheduler, for the app's life."""
+    """Open this process's request pool for the app's life."""
 
     @asynccontextmanager
-    async def resources(app: Litestar) -> AsyncIterator[None]:
-        async with opened(Database(settings.database_url, settings.pool, name="api")) as db:
-            app.state.db = db
-            if not settings.scheduler.enabled or not specs:
-                yield
-                return
-            async with scheduled(settings, specs):
-                yield
-
-    return resources
-
-
-@asynccontextmanager
-async def scheduled(settings: NodeSettings, specs: Sequence[JobSpec]) -> AsyncIterator[Scheduler]:
-    """Run the node's scheduler for the life of the app; stop it before the pools close."""
-    url = settings.database_url
-    async with (
-        opened(Database(url, scheduler_pool(settings), name="scheduler")) as db,
-        opened(Database(url, job_pool(settings), name="jobs")) as job_db,
-    ):
-        store = SchedulerStore(db, settings.node_id, settings.scheduler.lease_ttl)
-        retention = JobRetention(idempotency_seconds=settings.idempotency_retention)
-        scheduler = Scheduler(store, specs, settings.scheduler, job_db, retention)
-        await scheduler.start()
+    async def opened(app: Litestar) -> AsyncIterator[None]:
+        db = Database(settings.database_url, settings.pool, name="api")
+        await db.open()
+        resources.db = app.state.db = db
+        sampler = asyncio.create_task(sample_pool(app.state.metrics, db))
         try:
-            yield scheduler
+            yield
         finally:
-            await scheduler.stop()
+            sampler.cancel()
+            await db.close()
+
+    return opened
 
 
-def provide_db(state: State) -> Database:
-    db: Database = state.db
-    return db
+async def sample_pool(metrics: Metrics, db: Database) -> None:
+    """Keep this worker's pool gauges fresh for whichever worker answers ``/metrics``."""
+    while True:
+        metrics.sample_pool(db)
+        await asyncio.sleep(POOL_SAMPLE_EVERY)
 
 
-def create_app(settings: NodeSettings, specs: Sequence[JobSpec] = ()) -> Litestar:
-    """A node's app; nothing is opened until its lifespan starts."""
+def create_app(settings: NodeSettings, node_ready: Ready | None = None) -> Litestar:
+    """A node's HTTP app (one per worker process); nothing is opened until its lifespan starts.
+
+    The scheduler is not part of it: a node runs exactly one, in its supervisor process
+    (``balancectl.node``), however many workers serve HTTP. ``node_ready`` is set by the
+    supervisor once that scheduler has joined; ``/readyz`` answers 503 until then.
+    """
+    resources = Resources()
     state = State(
         {
             "api_token": settings.api_token,
@@ -97,6 +83,7 @@ def create_app(settings: NodeSettings, specs: Sequence[JobSpec] = ()) -> Litesta
             "lease_ttl": settings.scheduler.lease_ttl,
             "metrics": Metrics(),
             "node_id": settings.node_id,
+            "node_ready": node_ready,
         }
     )
     return Litestar(
@@ -110,10 +97,10 @@ def create_app(settings: NodeSettings, specs: Sequence[JobSpec] = ()) -> Litesta
             ops_routes.readyz,
             ops_routes.metrics,
         ],
-        dependencies={"db": Provide(provide_db, sync_to_thread=False)},
+        dependencies={"db": Provide(resources.database, sync_to_thread=False, use_cache=True)},
         exception_handlers=exception_handlers(),
-        middleware=[MetricsMiddleware()],
-        lifespan=[lifespan(settings, specs)],
+        middleware=[MetricsMiddleware],
+        lifespan=[lifespan(settings, resources)],
         state=state,
         openapi_config=OpenAPIConfig(title="balancectl", version=balancectl.__version__),
         request_max_body_size=settings.max_body_bytes,

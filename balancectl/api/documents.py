@@ -6,8 +6,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+from litestar.enums import ParamType
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema
+from litestar.openapi.spec import (
+    OpenAPIMediaType,
+    OpenAPIType,
+    Operation,
+    Parameter,
+    RequestBody,
+    Schema,
+)
 
 MAX_AMOUNT = 10**12
 INT64_MAX = 2**63 - 1
@@ -114,13 +122,6 @@ NAME_FILTER_SCHEMA: dict[str, Any] = {
     "type": OpenAPIType.STRING,
     "pattern": r"^[^\u0000]*$",
 }
-IDEMPOTENCY_KEY_SCHEMA: dict[str, Any] = {
-    "one_of": None,
-    "type": OpenAPIType.STRING,
-    "min_length": 1,
-    "max_length": 255,
-    "pattern": "^[!-~]+$",
-}
 
 
 AMOUNT_SCHEMA = Schema(
@@ -147,3 +148,14 @@ class BalanceOperation(Operation):
         self.request_body = RequestBody(
             content={"application/json": OpenAPIMediaType(schema=body)}, required=True
         )
+        # The handler reads this header itself (cheaper than a header parameter).
+        key = Parameter(
+            name="Idempotency-Key",
+            param_in=ParamType.HEADER,
+            required=False,
+            description="1 to 255 visible ASCII characters; a repeat replays the first outcome.",
+            schema=Schema(
+                type=OpenAPIType.STRING, min_length=1, max_length=255, pattern="^[!-~]+$"
+            ),
+        )
+        self.parameters = [*(self.parameters or []), key]

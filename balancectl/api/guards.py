@@ -14,11 +14,15 @@ from balancectl.errors import Unauthorized
 async def require_token(
     connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
 ) -> None:
+    """The guard form of ``check_token``, for routes off the hot path."""
+    given = connection.headers.get("authorization")
+    check_token(connection.app.state.api_token, None if given is None else given.encode())
+
+
+def check_token(token: str | None, given: bytes | None) -> None:
     """When the node has an API token, demand ``Authorization: Bearer <token>`` (constant time)."""
-    token: str | None = connection.app.state.api_token
     if token is None:
         return
-    given = connection.headers.get("authorization", "")
-    expected = f"Bearer {token}"
-    if not hmac.compare_digest(given.encode(), expected.encode()):
+    expected = f"Bearer {token}".encode()
+    if not hmac.compare_digest(given or b"", expected):
         raise Unauthorized("this route needs Authorization: Bearer <token>")

@@ -1,16 +1,26 @@
-"""Prometheus metrics: requests by route and status, latency, and the pool's use."""
+"""Prometheus metrics: requests by route and status, latency, and the pools' use.
+
+A node's workers write their samples to the node's metrics folder (prometheus_client's
+multiprocess mode, set up by ``balancectl.workers``), so ``/metrics`` on any worker
+counts every request of the node once. Label children are bound once per label set,
+so counting a request costs two increments, not a label lookup each.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 from litestar.enums import ScopeType
-from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from balancectl.db import Database
+
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+METRICS_FOLDER = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class Metrics:
@@ -28,34 +38,60 @@ class Metrics:
             "balancectl_http_request_seconds",
             "HTTP request latency by route",
             ["route", "method"],
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            buckets=BUCKETS,
             registry=self.registry,
         )
         self.pool = Gauge(
             "balancectl_db_pool_connections",
-            "Database pool connections by state",
+            "Request pool connections by state, summed over the node's live workers",
             ["state"],
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
+        self._bound: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, method, str(status)).inc()
-        self.latency.labels(route, method).observe(seconds)
+        children = self._bound.get((route, method, status))
+        if children is None:
+            children = self._bind(route, method, status)
+        children[0].inc()
+        children[1].observe(seconds)
 
-    def render(self, db: Database) -> bytes:
+    def _bind(self, route: str, method: str, status: int) -> tuple[Any, Any]:
+        children = (
+            self.requests.labels(route, method, str(status)),
+            self.latency.labels(route, method),
+        )
+        self._bound[(route, method, status)] = children
+        return children
+
+    def sample_pool(self, db: Database) -> None:
+        """Record this worker's pool use (every second, and before each ``/metrics``)."""
         stats = db.stats()
         self.pool.labels("open").set(stats["size"])
         self.pool.labels("in_use").set(stats["size"] - stats["available"])
         self.pool.labels("waiting").set(stats["waiting"])
-        return generate_latest(self.registry)
+
+    def render(self, db: Database) -> bytes:
+        self.sample_pool(db)
+        folder = os.environ.get(METRICS_FOLDER)
+        if not folder:
+            return generate_latest(self.registry)
+        node = CollectorRegistry()
+        MultiProcessCollector(node, path=folder)  # type: ignore[no-untyped-call]
+        return generate_latest(node)
 
 
-class MetricsMiddleware(ASGIMiddleware):
-    """Times every routed request and counts it by its route template and status."""
+class MetricsMiddleware:
+    """Times every routed request and counts it by its route template and status (raw ASGI)."""
 
-    scopes = (ScopeType.HTTP,)
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP:
+            await self.app(scope, receive, send)
+            return
         started, status = time.perf_counter(), 500
 
         async def send_wrapper(message: Message) -> None:
@@ -65,9 +101,9 @@ class MetricsMiddleware(ASGIMiddleware):
             await send(message)
 
         try:
-            await next_app(scope, receive, send_wrapper)
+            await self.app(scope, receive, send_wrapper)
         finally:
             metrics: Metrics = scope["litestar_app"].state.metrics
             route: Any = scope.get("path_template") or "unmatched"
-            method = str(scope.get("method", "GET"))
+            method: str = scope["method"]
             metrics.observe(route, method, status, time.perf_counter() - started)

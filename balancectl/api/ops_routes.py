@@ -25,6 +25,9 @@ async def healthz() -> dict[str, str]:
     responses={503: problem_spec("Not ready")},
 )
 async def readyz(db: Database, state: State) -> dict[str, str]:
+    node_ready = state.get("node_ready")
+    if node_ready is not None and not node_ready.is_set():
+        raise Unavailable("the node is starting: its scheduler has not joined the cluster yet")
     try:
         row = await db.fetch_one("schema_revision")
     except psycopg.errors.UndefinedTable:

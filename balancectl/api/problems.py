@@ -49,14 +49,19 @@ def on_validation_error(
     return problem_response(problem_document(InvalidRequest(str(error.detail))))
 
 
-def on_http_error(_: Request[Any, Any, Any], error: HTTPException) -> Response[dict[str, Any]]:
-    slug, title = _SLUGS.get(error.status_code, ("http-error", "HTTP error"))
-    document = {
+def http_problem(status: int, detail: str) -> dict[str, Any]:
+    """The problem document of an HTTP-level error (no domain error behind it)."""
+    slug, title = _SLUGS.get(status, ("http-error", "HTTP error"))
+    return {
         "type": f"urn:balancectl:problem:{slug}",
         "title": title,
-        "status": error.status_code,
-        "detail": str(error.detail),
+        "status": status,
+        "detail": detail,
     }
+
+
+def on_http_error(_: Request[Any, Any, Any], error: HTTPException) -> Response[dict[str, Any]]:
+    document = http_problem(error.status_code, str(error.detail))
     return problem_response(document, headers=error.headers)
 
 
@@ -82,4 +87,4 @@ def exception_handlers() -> ExceptionHandlersMap:
     }
 
 
-__all__ = ["PROBLEM_JSON", "MediaType", "exception_handlers", "problem_response"]
+__all__ = ["PROBLEM_JSON", "MediaType", "exception_handlers", "http_problem", "problem_response"]

@@ -15,12 +15,33 @@ SELECT version_num FROM alembic_version
 SELECT id, balance FROM users WHERE id = %(user_id)s
 
 -- name: change_balance
--- One atomic conditional change: no read-then-write. `target` locks the row and
--- reads its newest version (so a refusal reports the balance it was refused
--- against); the UPDATE applies only if the result stays within 0..2^63-1. The
--- bounds are written so that no comparison can overflow bigint for any
--- |amount| <= 10^12; the CHECK constraint backs the rule. The ledger row is
--- written by the same statement.
+-- One atomic conditional change: no read-then-write, no lock taken up front. The
+-- UPDATE applies only if the result stays within 0..2^63-1; under READ COMMITTED a
+-- row changed by a concurrent transaction is re-checked against its newest version.
+-- The bounds are written so that no comparison can overflow bigint for any
+-- |amount| <= 10^12; the CHECK constraint backs the rule. The ledger row is written
+-- by the same statement. A refusal modifies nothing, so it writes no WAL and waits
+-- for no flush. `seen` is the balance in the statement's snapshot: when the UPDATE
+-- refused and `seen` does not cover the change, the refusal was made against `seen`
+-- (the caller reports it); when `seen` would have covered it, the row moved under
+-- the statement and the caller tries again (see balancectl/balance.py).
+WITH changed AS (
+    UPDATE users
+    SET balance = balance + %(amount)s::bigint
+    WHERE id = %(user_id)s
+      AND balance >= -%(amount)s::bigint
+      AND balance <= 9223372036854775807 - greatest(%(amount)s::bigint, 0)
+    RETURNING id, balance
+), entry AS (
+    INSERT INTO ledger (user_id, amount, balance_after)
+    SELECT id, %(amount)s::bigint, balance FROM changed
+)
+SELECT (SELECT balance FROM changed) AS balance,
+       (SELECT balance FROM users WHERE id = %(user_id)s) AS seen
+
+-- name: change_balance_locked
+-- The same change, deciding on the locked newest version of the row, so a refusal is
+-- always against the current balance. Used only after a bounded number of races.
 WITH target AS (
     SELECT id, balance FROM users WHERE id = %(user_id)s FOR UPDATE
 ), changed AS (
@@ -32,27 +53,55 @@ WITH target AS (
       AND t.balance <= 9223372036854775807 - greatest(%(amount)s::bigint, 0)
     RETURNING u.id, u.balance
 ), entry AS (
-    INSERT INTO ledger (user_id, amount, balance_after, idempotency_key)
-    SELECT id, %(amount)s::bigint, balance, %(key)s::text FROM changed
+    INSERT INTO ledger (user_id, amount, balance_after)
+    SELECT id, %(amount)s::bigint, balance FROM changed
 )
 SELECT (SELECT balance FROM changed) AS balance,
-       (SELECT balance FROM target) AS previous
+       (SELECT balance FROM target) AS seen
 
--- name: claim_idempotency_key
--- Waits for a concurrent holder of the same key to commit or roll back.
-INSERT INTO idempotency_keys (key, user_id, amount)
-VALUES (%(key)s, %(user_id)s, %(amount)s)
-ON CONFLICT (key) DO NOTHING
-RETURNING key
+-- name: change_balance_once
+-- The keyed change in one statement, so no lock outlives it: lock the row, decide the
+-- outcome on it (200, 404 or 409, with the balance it leaves or was refused against),
+-- insert the key together with that outcome, and change the balance and write the
+-- ledger row only if this insert won the key. A concurrent request with the same key
+-- waits on the key's unique index until the first commits, inserts nothing, and then
+-- replays the stored outcome (get_idempotency_key). `status` is NULL when the key
+-- existed already.
+WITH target AS (
+    SELECT id, balance FROM users WHERE id = %(user_id)s FOR UPDATE
+), decided AS (
+    SELECT t.id, t.balance AS seen,
+           CASE WHEN t.id IS NULL THEN 404
+                WHEN t.balance < -%(amount)s::bigint THEN 409
+                WHEN t.balance > 9223372036854775807 - greatest(%(amount)s::bigint, 0) THEN 409
+                ELSE 200
+           END AS status
+    FROM (VALUES (1)) AS one (x) LEFT JOIN target t ON true
+), claimed AS (
+    INSERT INTO idempotency_keys (key, user_id, amount, status_code, response)
+    SELECT %(key)s, %(user_id)s, %(amount)s::bigint, d.status,
+           jsonb_build_object('balance', CASE WHEN d.status = 200
+                                              THEN d.seen + %(amount)s::bigint
+                                              ELSE d.seen END)
+    FROM decided d
+    ON CONFLICT (key) DO NOTHING
+    RETURNING status_code, response
+), changed AS (
+    UPDATE users u
+    SET balance = d.seen + %(amount)s::bigint
+    FROM decided d, claimed c
+    WHERE u.id = d.id AND c.status_code = 200
+    RETURNING u.id, u.balance
+), entry AS (
+    INSERT INTO ledger (user_id, amount, balance_after, idempotency_key)
+    SELECT id, %(amount)s::bigint, balance, %(key)s FROM changed
+)
+SELECT c.status_code AS status, c.response
+FROM (VALUES (1)) AS one (x) LEFT JOIN claimed c ON true
 
 -- name: get_idempotency_key
 SELECT user_id, amount, status_code, response
 FROM idempotency_keys WHERE key = %(key)s
-
--- name: store_idempotent_response
-UPDATE idempotency_keys
-SET status_code = %(status_code)s, response = %(response)s
-WHERE key = %(key)s
 
 -- name: prune_idempotency_keys
 -- Run inside the job's fenced transaction (``JobContext.execute``).

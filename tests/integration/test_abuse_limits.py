@@ -189,10 +189,48 @@ def test_malformed_http_is_refused_and_the_connection_closed(node: Node, raw: by
         answer = read_answer(sock, time.monotonic())
         closed = sock.recv(1) == b""
 
-    # uvicorn's own answer, before the app: text/plain, not problem details (see the report).
-    assert answer.status == 400, answer
+    # Refused by uvicorn's parser, before the app: still a problem document (http_guard).
+    assert_problem(answer, 400, "bad-request")
     assert closed and answer.headers.get("connection") == "close"
     assert balance_and_ledger(node) == before
+
+
+def test_a_request_head_over_the_limit_is_a_400_problem(node: Node) -> None:
+    line = b"X-Pad: " + b"a" * 1000 + b"\r\n"
+    with connect(node) as sock:
+        sock.sendall(b"GET /users/1 HTTP/1.1\r\nHost: node\r\n" + line * 20)
+        answer = read_answer(sock, time.monotonic())
+
+    assert_problem(answer, 400, "bad-request")
+    assert json.loads(answer.body)["detail"] == "Request head too large"
+
+
+DUPLICATES = [
+    b'{"amount": 1, "amount": -999999}',
+    b'{"amount": -999999, "amount": 1}',
+    b'{"amount": 5, "am\\u006funt": -5}',
+]
+
+
+@pytest.mark.parametrize(
+    "body", DUPLICATES, ids=["credit-then-debit", "debit-then-credit", "escaped"]
+)
+@pytest.mark.parametrize("keyed", [False, True], ids=["unkeyed", "keyed"])
+def test_a_body_naming_a_member_twice_is_422_and_changes_nothing(
+    node: Node, body: bytes, keyed: bool
+) -> None:
+    before = balance_and_ledger(node)
+    key = f"dup-{secrets.token_hex(8)}"
+    headers = [f"Content-Length: {len(body)}", *([f"Idempotency-Key: {key}"] if keyed else [])]
+    with connect(node) as sock:
+        sock.sendall(request_head("/users/1/balance", *headers) + body)
+        answer = read_answer(sock, time.monotonic())
+
+    assert_problem(answer, 422, "invalid-request")
+    assert "more than once" in json.loads(answer.body)["detail"]
+    assert balance_and_ledger(node) == before
+    stored = sql(node.database_url, "SELECT count(*) FROM idempotency_keys WHERE key = %s", (key,))
+    assert stored == [(0,)]  # the key is still free: nothing was claimed under it
 
 
 # --- slow and half-open clients ----------------------------------------------------------

@@ -129,6 +129,7 @@ def make_report(verdict: Verdict, *, idempotent: bool = False) -> LoadtestReport
         open_files_limit=100,
         open_files_needed=264,
         open_files_note="open-files limit 100 is below the 264 sockets this burst needs",
+        client_cpu_seconds=0.25,
     )
 
 
@@ -169,11 +170,12 @@ def test_report_json_carries_the_same_facts() -> None:
         "passed", "failures", "checks", "requests", "amount", "user_id", "start_balance",
         "expected_successes", "successes", "insufficient", "other_outcomes", "final_balance",
         "expected_final", "latency_ms", "wall_seconds", "requests_per_second", "urls",
-        "url_count", "idempotent", "retries", "replayed", "open_files",
+        "url_count", "idempotent", "retries", "replayed", "open_files", "client_cpu_seconds",
     }  # fmt: skip
     assert data["passed"] is False
     assert data["latency_ms"] == {"p50": 1.0, "p95": 2.0, "p99": 3.0, "max": 4.0}
     assert data["url_count"] == 2
+    assert data["client_cpu_seconds"] == 0.25
     assert json.loads(json.dumps(data)) == data
 
 
@@ -320,3 +322,9 @@ async def test_without_keys_a_lost_answer_is_an_error_and_fails() -> None:
     assert not report.passed
     assert report.retries == 0
     assert report.verdict.other_outcomes == {"error:ServerDisconnectedError": 20}
+
+
+def test_table_shows_the_clients_own_cpu_time_against_the_wall_time() -> None:
+    lines = render(make_report(judge(100, 2, 200, ["ok"] * 50 + ["insufficient"] * 150, 0)))
+    row = next(line for line in lines if "client CPU" in line)
+    assert "0.25 s (50% of a core)" in row

@@ -1,0 +1,92 @@
+"""One HTTP worker process of a node: the app under uvicorn on the node's shared socket.
+
+A node's supervisor (``balancectl.node``) starts W of these. Each has its own request
+pool and event loop; none runs a scheduler. A worker dies with its supervisor, even on
+``kill -9`` of the supervisor (``PR_SET_PDEATHSIG``), so a node never leaves orphans.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+from dataclasses import replace
+from multiprocessing.synchronize import Event
+
+import uvicorn
+
+from balancectl.api import create_app
+from balancectl.config import NodeSettings, PoolSettings
+from balancectl.http_guard import GuardedHttpToolsProtocol
+from balancectl.logs import configure_logging
+
+PR_SET_PDEATHSIG = 1
+log = logging.getLogger("balancectl.worker")
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process when its parent ends (Linux); exit if it has."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent ended before the line above ran
+        os._exit(1)
+
+
+def worker_pool(settings: NodeSettings) -> PoolSettings:
+    """This worker's share of the node's request connections (``--pool-size`` is per node).
+
+    A node holds ``pool-size`` request connections however many workers it runs (each
+    gets ``ceil(pool-size / workers)``, at least one), so the connection arithmetic of a
+    cluster does not grow with the CPU count: docs/operations.md.
+    """
+    share = max(1, math.ceil(settings.pool.max_size / settings.workers))
+    return replace(settings.pool, max_size=share, min_size=min(settings.pool.min_size, share))
+
+
+def uvicorn_config(settings: NodeSettings, node_ready: Event | None = None) -> uvicorn.Config:
+    return uvicorn.Config(
+        create_app(settings, node_ready),
+        backlog=settings.backlog,
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,
+        server_header=False,
+        timeout_graceful_shutdown=10,
+        timeout_keep_alive=30,
+        lifespan="on",
+        http=GuardedHttpToolsProtocol,
+    )
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, telling the supervisor once its app has started."""
+
+    def __init__(self, config: uvicorn.Config, started: Event) -> None:
+        super().__init__(config)
+        self.started_event = started
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self.started_event.set()
+
+
+def run_worker(
+    settings: NodeSettings,
+    sock: socket.socket,
+    parent_pid: int,
+    index: int,
+    started: Event,
+    node_ready: Event,
+) -> None:
+    """The worker's process target: serve until SIGTERM or SIGINT, then drain and exit."""
+    die_with_parent(parent_pid)
+    settings = replace(settings, pool=worker_pool(settings))
+    configure_logging(f"{settings.node_id}/w{index}", settings.log_level)
+    log.info("worker %d serving on pid %d", index, os.getpid())
+    Server(uvicorn_config(settings, node_ready), started).run(sockets=[sock])
