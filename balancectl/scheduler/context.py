@@ -25,7 +25,7 @@ from balancectl.errors import BalancectlError
 
 # A fenced transaction whose client stops talking (a pause, a cut link) loses its lock
 # after this long on the server, so it never blocks a takeover for longer.
-IDLE_IN_FENCE_MS = 2000
+IDLE_IN_FENCE_MS = 1000
 
 
 class LeaseLost(BalancectlError):
