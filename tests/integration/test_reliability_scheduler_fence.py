@@ -21,7 +21,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from balancectl.cluster import LocalCluster, Node
+from balancectl.toolkit.cluster import LocalCluster, NodeProcess
 from tests.conftest import sql
 from tests.integration.test_scheduler_history import (
     POLL,
@@ -78,7 +78,7 @@ def write_waiting(url: str) -> bool:
     return bool(rows[0][0])
 
 
-def holder(cluster: LocalCluster) -> Node:
+def holder(cluster: LocalCluster) -> NodeProcess:
     owner = wait_for("the job to run", lambda: running(cluster.members[0]).get(JOB), timeout=30)
     return cluster.node(owner)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from balancectl.cluster import LocalCluster, ready
+from balancectl.toolkit.cluster import LocalCluster, ready
 from tests.conftest import sql
 from tests.integration.test_scheduler_history import (
     POLL,

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from balancectl.cluster import LocalCluster
-from balancectl.embedded import embedded_database_url, stop_embedded
 from balancectl.migrations import upgrade
+from balancectl.toolkit.cluster import LocalCluster
+from balancectl.toolkit.embedded import embedded_database_url, stop_embedded
 from tests.integration.test_scheduler_history import (
     assert_no_overlap,
     history,
