@@ -7,6 +7,10 @@ from urllib.parse import urlsplit
 
 from balancectl.errors import ConfigError
 
+# How long history and idempotency keys are kept (the pruning jobs), defined once.
+HISTORY_RETENTION = 30 * 24 * 3600.0
+IDEMPOTENCY_RETENTION = 24 * 3600.0
+
 
 @dataclass(frozen=True)
 class PoolSettings:
@@ -67,7 +71,7 @@ class NodeSettings:
     port: int = 8000
     api_token: str | None = None
     insecure: bool = False
-    idempotency_retention: float = 24 * 3600.0
+    idempotency_retention: float = IDEMPOTENCY_RETENTION
     max_body_bytes: int = 4096
     # HTTP worker processes sharing the node's socket; the node still runs one scheduler.
     workers: int = 1
