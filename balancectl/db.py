@@ -23,7 +23,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 from balancectl.admission import Admission, AdmissionFull, AdmissionTimeout
 from balancectl.config import PoolSettings
 from balancectl.errors import BalancectlError, Unavailable
-from balancectl.queries import query
+from balancectl.sql.loader import query
 
 Row = dict[str, Any]
 FAILING_WAIT = 1.0  # seconds a request waits for a connection while the database fails

@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from balancectl.cluster import LocalCluster, Node
+from balancectl.toolkit.cluster import LocalCluster, NodeProcess
 from tests.conftest import sql
 from tests.faults import proxied
 from tests.integration.test_scheduler_history import (
@@ -35,11 +35,13 @@ TTL = 3.0
 SLACK = 2.0
 
 
-def survivor(cluster: LocalCluster, gone: Node) -> Node:
+def survivor(cluster: LocalCluster, gone: NodeProcess) -> NodeProcess:
     return next(node for node in cluster.members if node is not gone)
 
 
-def wait_taken_over(observer: Node, job: str, gone: str, since: float, timeout: float) -> str:
+def wait_taken_over(
+    observer: NodeProcess, job: str, gone: str, since: float, timeout: float
+) -> str:
     """Wait until ``job`` runs on a node other than ``gone``; print and return the taker."""
     taker = wait_for(
         f"{job} to run on a node other than {gone}",

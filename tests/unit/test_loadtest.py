@@ -19,7 +19,7 @@ from aiohttp import web
 from rich.console import Console
 
 from balancectl.errors import ConfigError
-from balancectl.loadtest import (
+from balancectl.toolkit.loadtest import (
     INSUFFICIENT_FUNDS_TYPE,
     LatencyStats,
     LoadtestConfig,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from balancectl.queries import all_queries, parse, query
+from balancectl.sql.loader import all_queries, parse, query
 
 PACKAGE = Path(__file__).resolve().parents[2] / "balancectl"
 
