@@ -41,7 +41,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from balancectl.cluster import pump
+from balancectl.toolkit.cluster import pump
 from tests.conftest import sql
 from tests.integration.test_faults_partition import log_line, logged_at
 from tests.integration.test_scheduler_history import Run, assert_no_overlap, parse_run, wait_for

@@ -17,10 +17,8 @@ import re
 import shutil
 import subprocess
 import sys
-import warnings
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -64,12 +62,14 @@ def serve_options() -> dict[str, TyperOption]:
 
 
 def serve_envvars() -> dict[str, TyperOption]:
-    """``BALANCECTL_*`` variable -> the option it sets."""
+    """``BALANCECTL_*`` variable -> the option it sets: each option's own variable, and
+    the older ones its help names (``BALANCECTL_NO_PREPARE`` for ``--prepare``)."""
     found: dict[str, TyperOption] = {}
     for param in serve_command().params:
-        if isinstance(param, TyperOption) and param.envvar:
-            names = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar)
-            found.update(dict.fromkeys(names, param))
+        if isinstance(param, TyperOption):
+            own = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or [])
+            older = re.findall(r"BALANCECTL_[A-Z_]+", param.help or "")
+            found.update(dict.fromkeys([*own, *older], param))
     return found
 
 
@@ -77,7 +77,7 @@ def parsed(args: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch
     """What ``balancectl serve ARGS`` reads with ``env``: its parameters, or BadParameter.
 
     Typer's own parser does the work (options and environment variables, their types
-    and ranges) without running the command.
+    and ranges, the callbacks that read older variables) without running the command.
     """
     for variable in serve_envvars():
         monkeypatch.delenv(variable, raising=False)
@@ -107,28 +107,15 @@ def drain_seconds() -> float:
     """How long uvicorn drains requests in flight on SIGTERM, as the worker configures it."""
     from balancectl.worker import uvicorn_config
 
-    with building_the_app():
-        config = uvicorn_config(NodeSettings(database_url="postgresql://localhost/unused"))
+    config = uvicorn_config(NodeSettings(database_url="postgresql://localhost/unused"))
     assert config.timeout_graceful_shutdown is not None
     return float(config.timeout_graceful_shutdown)
-
-
-@contextmanager
-def building_the_app() -> Iterator[None]:
-    """Building the app warns that Litestar 3 will want dependencies marked explicitly
-    (the routes' ``db`` parameter): not what these tests are about."""
-    from litestar.exceptions import LitestarDeprecationWarning
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", LitestarDeprecationWarning)
-        yield
 
 
 def app_paths() -> set[str]:
     from balancectl.api import create_app
 
-    with building_the_app():
-        app = create_app(NodeSettings(database_url="postgresql://localhost/unused"))
+    app = create_app(NodeSettings(database_url="postgresql://localhost/unused"))
     return {route.path for route in app.routes}
 
 
