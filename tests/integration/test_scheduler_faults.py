@@ -31,6 +31,7 @@ from tests.integration.test_scheduler_history import (
 from tests.processes import ClusterFactory, http_json, node_args
 
 TTL = 3.0
+BUSY = "tests.jobs:busy"
 # Claim latency, an HTTP poll and a busy 2-core machine; on top of TTL + poll interval.
 SLACK = 2.0
 
@@ -148,10 +149,12 @@ def test_sigstop_past_the_ttl_the_paused_node_gives_up_and_writes_nothing(
 def test_sigterm_cancels_the_runs_and_another_node_takes_them_at_once(
     cluster_factory: ClusterFactory, database_url: str, tmp_path: Path
 ) -> None:
-    # A long TTL: a takeover well under it can only come from the released lease.
+    # A long TTL: a takeover well under it can only come from the released lease. The
+    # jobs are busy with their work when cancelled (not waiting out min_duration), so
+    # they are due again at once.
     ttl = 10.0
     names = ["alpha", "beta", "gamma"]
-    jobs = write_jobs(tmp_path / "jobs.toml", names, min_duration="8s")
+    jobs = write_jobs(tmp_path / "jobs.toml", names, min_duration="8s", function=BUSY)
     cluster = cluster_factory(3, *node_args(jobs_file=jobs, lease_ttl=ttl, poll=POLL))
     leaving = node_running(cluster, "alpha")
     observer = survivor(cluster, leaving)

@@ -31,12 +31,18 @@ POLL = 0.2
 
 
 def write_jobs(
-    path: Path, names: Iterable[str], min_duration: str = "6s", interval: str = "30s"
+    path: Path,
+    names: Iterable[str],
+    min_duration: str = "6s",
+    interval: str = "30s",
+    function: str = IDLE,
+    max_duration: str | None = None,
 ) -> Path:
-    """A jobs file of ``idle`` jobs that each last ``min_duration``."""
+    """A jobs file of ``idle`` (or ``function``) jobs that each last ``min_duration``."""
+    longest = "" if max_duration is None else f'max_duration = "{max_duration}"\n'
     tables = [
-        f'[[jobs]]\nname = "{name}"\nfunction = "{IDLE}"\n'
-        f'interval = "{interval}"\nmin_duration = "{min_duration}"\n'
+        f'[[jobs]]\nname = "{name}"\nfunction = "{function}"\n'
+        f'interval = "{interval}"\nmin_duration = "{min_duration}"\n{longest}'
         for name in names
     ]
     path.write_text("\n".join(tables))
