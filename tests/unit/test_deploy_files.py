@@ -29,7 +29,7 @@ import yaml
 from typer.core import TyperGroup, TyperOption
 
 from balancectl.cli import app as cli_app
-from balancectl.config import NodeSettings
+from balancectl.config import NodeSettings, SchedulerSettings
 from balancectl.db import session_settings
 from balancectl.errors import ConfigError
 from balancectl.workers import STOP_GRACE
@@ -93,14 +93,23 @@ def prepares(params: dict[str, Any]) -> bool:
     return bool(params["prepare"])
 
 
-def handoff_seconds(lease_ttl: float) -> float:
-    """The longest a SIGTERM'd scheduler takes to hand its jobs back.
+POOL_CLOSE = 5.0  # psycopg_pool's AsyncConnectionPool.close() waits this long at most
 
-    ``Scheduler.stop`` makes at most three database calls after SIGTERM, one after the
-    other, each bounded by ``max(ttl/3, 1 s)`` (``_bounded``): the claim in flight, the
-    runs' records (in parallel), and marking the node stopped.
+
+def handoff_seconds(lease_ttl: float) -> float:
+    """The longest a SIGTERM'd scheduler takes to hand its jobs back and close its pools.
+
+    The waits of ``Scheduler.stop``, one after the other, from the scheduler's own bounds:
+    the claim in flight (a call + 0.5 s), the runs ending (the stop grace), a stuck run
+    recorded (a call) and waited for (a call + 0.5 s), the loops (1 s), the node marked
+    stopped (a call); then the scheduler's and the jobs' pools close.
     """
-    return 3 * max(lease_ttl / 3, 1.0)
+    from balancectl.scheduler.runner import Scheduler
+
+    none: Any = None  # the bounds depend on the settings only
+    scheduler = Scheduler(none, [], SchedulerSettings(lease_ttl=lease_ttl), none)
+    call, grace = scheduler.call_timeout, scheduler.stop_grace
+    return (call + 0.5) + grace + call + (call + 0.5) + 1.0 + call + 2 * POOL_CLOSE
 
 
 def drain_seconds() -> float:
