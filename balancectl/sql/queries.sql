@@ -2,9 +2,6 @@
 -- Loaded by name through balancectl.queries; parameters use psycopg's %(name)s style.
 -- Time is always the database's now(), never a node's clock.
 
--- name: ping
-SELECT 1 AS ok
-
 -- name: database_now
 SELECT now() AS now
 
@@ -165,8 +162,6 @@ SET host = EXCLUDED.host, pid = EXCLUDED.pid, started_at = now(),
     last_seen_at = now(), stopped_at = NULL
 RETURNING started_at
 
--- name: touch_node
-UPDATE nodes SET last_seen_at = now() WHERE id = %(node)s AND stopped_at IS NULL
 -- name: stop_node
 UPDATE nodes SET stopped_at = now(), last_seen_at = now() WHERE id = %(node)s
 
