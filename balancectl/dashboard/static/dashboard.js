@@ -6,6 +6,8 @@ const POLL_EVERY_MS = 1000;
 const ANSWER_WITHIN_MS = 4000; // a node slower than this counts as not answering
 const SVG = "http://www.w3.org/2000/svg";
 const LANE_HEIGHT = 30;
+const TRACK_HEIGHT = 24; // one bar's height; a lane has as many tracks as runs at once
+const LANE_PADDING = 3;
 const LABEL_WIDTH = 96;
 const AXIS_HEIGHT = 22;
 const STATUSES = ["succeeded", "failed", "lost", "cancelled"];
@@ -14,6 +16,7 @@ const view = {
   minutes: 15,
   timer: null,
   inFlight: false,
+  polls: 0,
   lastDocument: null,
   lastRefreshed: null, // the browser's time of the last good answer
   failingSince: null, // the browser's time of the first failed poll after a good one
@@ -117,19 +120,23 @@ function lastRunCell(run) {
   return cell;
 }
 
+const COUNT_LABELS = { succeeded: "ok", failed: "failed", lost: "lost", cancelled: "cancelled" };
+
 function countsCell(counts) {
   const box = el("span", { class: "counts" });
   for (const status of STATUSES) {
     const value = counts[status];
+    if (!value) continue;
     box.append(
       el("span", {
-        class: `count ${status}${value ? "" : " zero"}`,
+        class: `count ${status}`,
         title: `${value} ${status} in the last hour`,
         "data-status": status,
-        text: String(value),
+        text: `${value} ${COUNT_LABELS[status]}`,
       }),
     );
   }
+  if (!box.childElementCount) box.append(el("span", { class: "muted", text: "none" }));
   return el("td", {}, box);
 }
 
@@ -213,7 +220,7 @@ function drawAxis(chart, scale, start, now, height) {
     const x = scale(t);
     chart.append(svg("line", { class: "grid", x1: x, x2: x, y1: AXIS_HEIGHT - 4, y2: height }));
     chart.append(svg("text", { class: "tick", x, y: 12, "text-anchor": "middle" },
-      new Date(t * 1000).toISOString().slice(11, 16)));
+      new Date(t * 1000).toISOString().slice(11, step < 60 ? 19 : 16)));
   }
   chart.append(svg("line", { class: "now-line", x1: scale(now), x2: scale(now), y1: AXIS_HEIGHT - 4, y2: height }));
 }
@@ -227,7 +234,7 @@ function drawBar(chart, run, scale, start, now, y) {
   const runTime = (open ? now : seconds(run.finished_at)) - seconds(run.started_at);
   const group = svg("g");
   const bar = svg("rect", {
-    class: `bar ${run.status}`, x, y: y + 5, width, height: LANE_HEIGHT - 10, rx: 3,
+    class: `bar ${run.status}`, x, y: y + 2, width, height: TRACK_HEIGHT - 4, rx: 3,
     "data-job": run.job, "data-node": run.node, "data-status": run.status,
     "data-token": String(run.token),
   });
@@ -240,37 +247,61 @@ function drawBar(chart, run, scale, start, now, y) {
     const tip = x + width;
     group.append(svg("path", {
       class: `open-end ${run.status}`,
-      d: `M${tip} ${y + 5} L${tip + 6} ${y + LANE_HEIGHT / 2} L${tip} ${y + LANE_HEIGHT - 5} Z`,
+      d: `M${tip} ${y + 2} L${tip + 6} ${y + TRACK_HEIGHT / 2} L${tip} ${y + TRACK_HEIGHT - 2} Z`,
     }));
   }
   if (width > run.job.length * 6.5 + 10) {
-    group.append(svg("text", { class: "bar-label", x: x + 5, y: y + LANE_HEIGHT / 2 + 4 }, run.job));
+    group.append(svg("text", { class: "bar-label", x: x + 5, y: y + TRACK_HEIGHT / 2 + 4 }, run.job));
   }
   chart.append(group);
+}
+
+// Runs of one node that overlap in time (two jobs at once) go on separate tracks of its lane.
+function tracksOf(doc, now) {
+  const byNode = new Map();
+  const ordered = [...doc.timeline].sort((a, b) => seconds(a.started_at) - seconds(b.started_at));
+  for (const run of ordered) {
+    const ends = byNode.get(run.node) || [];
+    const end = run.finished_at === null ? now : seconds(run.finished_at);
+    let track = ends.findIndex((last) => last < seconds(run.started_at));
+    if (track === -1) track = ends.length;
+    ends[track] = end;
+    byNode.set(run.node, ends);
+    run.track = track;
+  }
+  return new Map([...byNode.entries()].map(([node, ends]) => [node, ends.length]));
 }
 
 function renderTimeline(doc) {
   const box = document.getElementById("timeline");
   const lanes = lanesOf(doc);
-  const width = Math.max(480, box.clientWidth);
-  const height = AXIS_HEIGHT + Math.max(1, lanes.length) * LANE_HEIGHT;
   const now = seconds(doc.now);
+  const tracks = tracksOf(doc, now);
+  const width = Math.max(480, box.clientWidth);
+  const laneTop = new Map();
+  let height = AXIS_HEIGHT;
+  for (const [node] of lanes) {
+    laneTop.set(node, height);
+    height += Math.max(1, tracks.get(node) || 1) * TRACK_HEIGHT + LANE_PADDING * 2;
+  }
+  if (lanes.length === 0) height += LANE_HEIGHT;
   const start = now - doc.minutes * 60;
   const right = width - 12;
   const scale = (t) => LABEL_WIDTH + ((t - start) / (now - start)) * (right - LABEL_WIDTH);
   const chart = svg("svg", { viewBox: `0 0 ${width} ${height}`, height, role: "img",
     "aria-label": `Runs of the last ${doc.minutes} minutes, one lane per node` });
   chart.append(timelineDefs());
-  const laneIndex = new Map();
   lanes.forEach(([node, alive], index) => {
-    const y = AXIS_HEIGHT + index * LANE_HEIGHT;
-    laneIndex.set(node, y);
-    chart.append(svg("rect", { class: index % 2 ? "lane odd" : "lane", x: LABEL_WIDTH, y, width: right - LABEL_WIDTH, height: LANE_HEIGHT }));
-    chart.append(svg("text", { class: alive ? "lane-label" : "lane-label gone", x: 4, y: y + LANE_HEIGHT / 2 + 4, "data-lane": node },
+    const y = laneTop.get(node);
+    const laneHeight = Math.max(1, tracks.get(node) || 1) * TRACK_HEIGHT + LANE_PADDING * 2;
+    chart.append(svg("rect", { class: index % 2 ? "lane odd" : "lane", x: LABEL_WIDTH, y, width: right - LABEL_WIDTH, height: laneHeight }));
+    chart.append(svg("text", { class: alive ? "lane-label" : "lane-label gone", x: 4, y: y + LANE_PADDING + TRACK_HEIGHT / 2 + 4, "data-lane": node },
       alive ? node : `${node} (gone)`));
   });
   drawAxis(chart, scale, start, now, height);
-  for (const run of doc.timeline) drawBar(chart, run, scale, start, now, laneIndex.get(run.node));
+  for (const run of doc.timeline) {
+    drawBar(chart, run, scale, start, now, laneTop.get(run.node) + LANE_PADDING + run.track * TRACK_HEIGHT);
+  }
   if (lanes.length === 0) {
     chart.append(svg("text", { class: "tick", x: LABEL_WIDTH + 8, y: AXIS_HEIGHT + 19 }, "No runs yet"));
   }
@@ -328,7 +359,9 @@ async function fetchDocument() {
     if (!response.ok) throw new Error(await problemText(response));
     return await response.json();
   } catch (error) {
-    throw new Error(error.name === "AbortError" ? `no answer within ${ANSWER_WITHIN_MS / 1000} s` : error.message);
+    if (error.name === "AbortError") throw new Error(`no answer within ${ANSWER_WITHIN_MS / 1000} s`);
+    if (error instanceof TypeError) throw new Error(`the connection failed (${error.message})`);
+    throw error;
   } finally {
     clearTimeout(timeout);
   }
@@ -336,6 +369,8 @@ async function fetchDocument() {
 
 async function poll() {
   view.timer = null;
+  view.polls += 1;
+  document.body.dataset.polls = String(view.polls); // read by the browser test
   view.inFlight = true;
   try {
     const doc = await fetchDocument();
