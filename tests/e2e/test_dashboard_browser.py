@@ -35,23 +35,24 @@ MINUTES = 2
 # What the page shows, read in one script: rows and bars by their data attributes.
 PAGE_STATE = """
 const rows = (selector) => [...document.querySelectorAll(selector)];
-const banner = document.getElementById('banner');
+const byId = (id) => document.getElementById(id) || {dataset: {}, hidden: true};
+const banner = byId('banner');
 return {
   nodes: Object.fromEntries(
     rows('#nodes tr[data-node]').map(r => [r.dataset.node, r.dataset.alive])),
   jobs: Object.fromEntries(
     rows('#jobs tr[data-job]').map(r => [r.dataset.job, [r.dataset.state, r.dataset.node]])),
   bars: rows('#timeline rect.bar').map(b => [b.dataset.job, b.dataset.node, b.dataset.status]),
-  live: document.getElementById('live').dataset.live,
+  live: byId('live').dataset.live || null,
   banner: banner.hidden ? null : banner.textContent,
-  refreshed: document.getElementById('refreshed').textContent,
+  refreshed: byId('refreshed').textContent || null,
   polls: Number(document.body.dataset.polls || 0),
 };
 """
 
 
 @pytest.fixture
-def browser(tmp_path: Path) -> Iterator[Any]:
+def browser(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -68,6 +69,9 @@ def browser(tmp_path: Path) -> Iterator[Any]:
     driver.set_page_load_timeout(30)
     try:
         yield driver
+        failed = getattr(request.node, "rep_call", None)
+        if failed is not None and failed.failed:
+            screenshot(driver, tmp_path / "failed.png")
     finally:
         driver.quit()
         shutil.rmtree(tmp_path / "chromium-profile", ignore_errors=True)

@@ -219,6 +219,7 @@ function drawAxis(chart, scale, start, now, height) {
   for (let t = Math.ceil(start / step) * step; t <= now; t += step) {
     const x = scale(t);
     chart.append(svg("line", { class: "grid", x1: x, x2: x, y1: AXIS_HEIGHT - 4, y2: height }));
+    if (x > scale(now) - 28) continue; // a label would run past the chart's right edge
     chart.append(svg("text", { class: "tick", x, y: 12, "text-anchor": "middle" },
       new Date(t * 1000).toISOString().slice(11, step < 60 ? 19 : 16)));
   }
