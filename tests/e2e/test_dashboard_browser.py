@@ -117,6 +117,7 @@ def test_the_page_shows_a_killed_node_gone_its_run_lost_and_the_takeover(
     assert state["live"] == "live" and state["banner"] is None
     job, victim = next((j, n) for j, (_, n) in sorted(state["jobs"].items()) if n != "node-1")
     cluster.node(victim).process.kill()
+    killed = time.monotonic()
 
     state = wait_for(
         f"{victim} gone, its run of {job} lost, {job} running elsewhere",
@@ -125,16 +126,21 @@ def test_the_page_shows_a_killed_node_gone_its_run_lost_and_the_takeover(
         every=0.25,
     )
     screenshot(browser, tmp_path / "2-node-killed.png")
-    print(f"{victim} killed: {job} now on {state['jobs'][job][1]}")
+    print(
+        f"{victim} killed: the page showed it gone, {job} lost and running on "
+        f"{state['jobs'][job][1]} {time.monotonic() - killed:.1f} s later (lease TTL {LEASE_TTL} s)"
+    )
     assert sum(1 for flag in state["nodes"].values() if flag == "true") == 4
     assert state["banner"] is None
 
     assert_polling_pauses_while_hidden(browser)
 
     viewer.process.kill()
+    killed = time.monotonic()
     banner: str = wait_for("the banner", lambda: page(browser)["banner"], timeout=15)
     screenshot(browser, tmp_path / "3-node-not-answering.png")
     assert banner.startswith("Node not answering since "), banner
+    print(f"the page's own node killed: banner after {time.monotonic() - killed:.1f} s")
     assert page(browser)["live"] == "failing"
 
 
