@@ -8,7 +8,6 @@ const SVG = "http://www.w3.org/2000/svg";
 const LANE_HEIGHT = 30;
 const TRACK_HEIGHT = 24; // one bar's height; a lane has as many tracks as runs at once
 const LANE_PADDING = 3;
-const LABEL_WIDTH = 96;
 const AXIS_HEIGHT = 22;
 const STATUSES = ["succeeded", "failed", "lost", "cancelled"];
 
@@ -172,7 +171,7 @@ function renderMoney(doc) {
     ? el("div", { class: "verdict ok", text: "Balances equal the ledger" })
     : el("div", { class: "verdict bad", text: "Balances differ from the ledger" });
   const auditText = audit
-    ? `${audit.status} at ${clock(audit.finished_at)} (${ago(audit.finished_at, seconds(doc.now))})`
+    ? `at ${clock(audit.finished_at)} (${ago(audit.finished_at, seconds(doc.now))})`
     : "has not run yet";
   const box = el("dl", { class: "money", "data-balanced": String(money.balanced) });
   box.append(
@@ -251,7 +250,7 @@ function drawBar(chart, run, scale, start, now, y) {
       d: `M${tip} ${y + 2} L${tip + 6} ${y + TRACK_HEIGHT / 2} L${tip} ${y + TRACK_HEIGHT - 2} Z`,
     }));
   }
-  if (width > run.job.length * 6.5 + 10) {
+  if (width > run.job.length * 7 + 10) { // an 11 px label, with room either side
     group.append(svg("text", { class: "bar-label", x: x + 5, y: y + TRACK_HEIGHT / 2 + 4 }, run.job));
   }
   chart.append(group);
@@ -288,6 +287,8 @@ function renderTimeline(doc) {
   if (lanes.length === 0) height += LANE_HEIGHT;
   const start = now - doc.minutes * 60;
   const right = width - 12;
+  const longest = Math.max(6, ...lanes.map(([node, alive]) => node.length + (alive ? 0 : 7)));
+  const LABEL_WIDTH = Math.ceil(longest * 7.4 + 14); // the lane labels fit, whatever the names
   const scale = (t) => LABEL_WIDTH + ((t - start) / (now - start)) * (right - LABEL_WIDTH);
   const chart = svg("svg", { viewBox: `0 0 ${width} ${height}`, height, role: "img",
     "aria-label": `Runs of the last ${doc.minutes} minutes, one lane per node` });
@@ -411,7 +412,8 @@ function start() {
   if (Number.isInteger(chosen) && chosen >= 1 && chosen <= 180) view.minutes = chosen;
   const select = document.getElementById("minutes");
   if (![...select.options].some((option) => option.value === String(view.minutes))) {
-    select.append(el("option", { value: String(view.minutes), text: `${view.minutes} minutes` }));
+    const unit = view.minutes === 1 ? "minute" : "minutes";
+    select.append(el("option", { value: String(view.minutes), text: `${view.minutes} ${unit}` }));
   }
   select.value = String(view.minutes);
   select.addEventListener("change", () => {
