@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
+import urllib.parse
 import urllib.request
 import zipfile
 from datetime import datetime
@@ -19,6 +21,8 @@ from typing import Any
 
 from balancectl.dashboard import AUDIT_FUNCTION
 from tests.conftest import sql
+from tests.faults import proxied
+from tests.integration.test_faults_partition import through
 from tests.integration.test_scheduler_history import (
     POLL,
     jobs_listing,
@@ -232,3 +236,23 @@ def test_the_wheel_ships_the_page(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(next(tmp_path.glob("balancectl-*.whl"))).namelist())
     for name in STATIC:
         assert f"balancectl/dashboard/static/{name}" in names, sorted(names)
+
+
+def test_a_cut_database_link_is_a_503_problem_not_a_hang(
+    cluster_factory: ClusterFactory, database_url: str
+) -> None:
+    """The page reads a 503 as "not answering"; a hang would freeze it until its own timeout."""
+    target = urllib.parse.urlsplit(database_url)
+    with proxied(target.hostname or "127.0.0.1", target.port or 5432) as proxy:
+        url = cluster_factory(1, "--no-scheduler", url=through(database_url, proxy)).urls[0]
+        assert dashboard(url)["nodes"] == []
+        for mode in ("drop", "reject"):
+            proxy.cut(mode)
+            asked = time.monotonic()
+            status, body = http_json(f"{url}/dashboard", timeout=60)
+            waited = time.monotonic() - asked
+            print(f"link cut ({mode}): {status} after {waited:.2f} s")
+            assert status == 503, body
+            assert body["type"] == "urn:balancectl:problem:unavailable", body
+            proxy.restore()
+            wait_for("the dashboard again", lambda: http_json(f"{url}/dashboard")[0] == 200, 30)
