@@ -1,17 +1,21 @@
 """The ``balancectl`` command: thin Typer commands that parse options and call functions.
 
 Every option also reads ``BALANCECTL_<OPTION>``. Exit status: 0 success, 1 a check
-failed (the load test's verdict), 2 bad usage or configuration.
+failed (the load test's verdict), 2 bad usage or configuration, an unreachable node or
+database, or a node that could not start; 70 an internal error (a bug: one line, and
+``BALANCECTL_DEBUG=1`` shows the traceback); 130 or 143 when ``up`` or ``demo`` was
+stopped by SIGINT or SIGTERM, after stopping every node it started.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -22,7 +26,8 @@ from rich.console import Console
 from balancectl.errors import ConfigError
 
 if TYPE_CHECKING:
-    from balancectl.loadtest import LoadtestConfig
+    from balancectl.toolkit.cluster import LocalCluster, NodeProcess
+    from balancectl.toolkit.loadtest import LoadtestConfig
 
 app = typer.Typer(
     help="An exact balance service and a masterless cluster scheduler on PostgreSQL.",
@@ -32,6 +37,13 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 out = Console()
+EX_SOFTWARE = 70  # sysexits.h: an internal software error
+DB_TIMEOUT = 5  # seconds a read-only command waits to connect to the database
+
+
+def say(text: str, style: str = "") -> None:
+    """One line on stderr, never wrapped by rich: URLs and ports in it stay copyable."""
+    err.print(text, style=style, soft_wrap=True, highlight=False, markup=False)
 
 
 def env(option: str) -> str:
@@ -55,10 +67,10 @@ def resolve_database_url(database_url: str | None) -> str:
     if database_url:
         check_database_url(database_url)
         return database_url
-    from balancectl.embedded import embedded_database_url
+    from balancectl.toolkit.embedded import embedded_database_url
 
     url = embedded_database_url()
-    err.print(f"[dim]embedded PostgreSQL: {url}[/dim]")
+    say(f"embedded PostgreSQL: {url}", style="dim")
     return url
 
 
@@ -66,9 +78,10 @@ def resolve_database_url(database_url: str | None) -> str:
 def migrate(database_url: DatabaseUrl = None) -> None:
     """Upgrade the schema to head; safe when many run at once."""
     from balancectl import migrations
+    from balancectl.toolkit.cluster import migrate as upgrade
 
-    migrations.upgrade(resolve_database_url(database_url))
-    err.print(f"schema at {migrations.head_revision()}")
+    upgrade(resolve_database_url(database_url))
+    say(f"schema at {migrations.head_revision()}")
 
 
 @app.command()
@@ -95,9 +108,16 @@ def serve(
             help="No claims until no node has joined for this long, seconds.",
         ),
     ] = 5.0,
-    no_scheduler: Annotated[
-        bool, typer.Option(envvar=env("no-scheduler"), help="Serve the API only.")
-    ] = False,
+    scheduler: Annotated[
+        bool,
+        typer.Option(
+            "--scheduler/--no-scheduler",
+            envvar=env("scheduler"),
+            callback=older_negative_env("scheduler"),
+            help="Run the scheduler; --no-scheduler serves the API only "
+            "(also the older BALANCECTL_NO_SCHEDULER=1).",
+        ),
+    ] = True,
     api_token: Annotated[
         str | None,
         typer.Option(envvar=env("api-token"), help="Bearer token for mutating routes."),
@@ -116,12 +136,16 @@ def serve(
     pool_timeout: Annotated[
         float, typer.Option(envvar=env("pool-timeout"), min=0.1, help="Wait for a connection, s.")
     ] = 30.0,
-    no_prepare: Annotated[
+    prepare: Annotated[
         bool,
         typer.Option(
-            envvar=env("no-prepare"), help="No server-side prepared statements (PgBouncer)."
+            "--prepare/--no-prepare",
+            envvar=env("prepare"),
+            callback=older_negative_env("prepare"),
+            help="Server-side prepared statements; --no-prepare for PgBouncer < 1.21 "
+            "(also the older BALANCECTL_NO_PREPARE=1).",
         ),
-    ] = False,
+    ] = True,
     db_wait: Annotated[
         float, typer.Option(envvar=env("db-wait"), min=0, help="Wait for the database at start, s.")
     ] = 30.0,
@@ -160,15 +184,12 @@ def serve(
         workers=workers or os.cpu_count() or 1,
         backlog=backlog,
         log_level=log_level,
-        pool=PoolSettings(
-            max_size=pool_size, timeout=pool_timeout, prepared_statements=not no_prepare
-        ),
+        pool=PoolSettings(max_size=pool_size, timeout=pool_timeout, prepared_statements=prepare),
         scheduler=SchedulerSettings(
-            jobs_file=jobs_file,
             lease_ttl=lease_ttl,
             poll_interval=poll_interval,
             settle=settle,
-            enabled=not no_scheduler,
+            enabled=scheduler,
         ),
     )
     node.serve(settings, specs, db_wait=db_wait)
@@ -183,41 +204,47 @@ def up(
     lease_ttl: Annotated[float, typer.Option(envvar=env("lease-ttl"), min=0.5)] = 15.0,
 ) -> None:
     """Start N local nodes (node-1..node-N) with prefixed logs; stop them on Ctrl-C or SIGTERM."""
-    from balancectl import migrations
-    from balancectl.cluster import LocalCluster
+    from balancectl.toolkit.cluster import LocalCluster, check_ports_free, in_thread, migrate
 
-    url = resolve_database_url(database_url)
-    migrations.upgrade(url)
     extra = ["--lease-ttl", str(lease_ttl)]
     if jobs_file is not None:
         extra += ["--jobs-file", str(jobs_file)]
-    cluster = LocalCluster(url, nodes, base_port, extra, log=sys.stderr)
-    with terminate_on_sigterm():
+    with launcher():
+        url = resolve_database_url(database_url)
+        check_ports_free(base_port, nodes)
+        in_thread(lambda: migrate(url))
+        cluster = LocalCluster(url, nodes, base_port, extra, log=sys.stderr)
         try:
             cluster.start()
             cluster.wait_ready(timeout=180)
-            err.print(f"{nodes} nodes up: {', '.join(cluster.urls)} (Ctrl-C stops them)")
-            while all(node.process.poll() is None for node in cluster.members):
-                time.sleep(0.5)
-            err.print("a node exited; stopping the others")
-        except KeyboardInterrupt:
-            err.print("stopping the nodes")
+            say(f"{nodes} nodes up (Ctrl-C or SIGTERM stops them):")
+            for node in cluster.members:
+                say(f"  {node.node_id} {node.url}")
+            raise until_one_exits(cluster).failure()
         finally:
             cluster.stop()
 
 
+def until_one_exits(cluster: LocalCluster) -> NodeProcess:
+    """Wait (interruptibly) until a node of ``cluster`` exits on its own; that node."""
+    while (gone := cluster.exited()) is None:
+        time.sleep(0.2)
+    return gone
+
+
 @contextmanager
-def terminate_on_sigterm() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt for the launcher, so both stop the nodes."""
+def launcher() -> Iterator[None]:
+    """For ``up`` and ``demo``: the first SIGINT or SIGTERM stops every node started (the
+    commands stop them on the way out), then exits 130 or 143."""
+    from balancectl.toolkit.cluster import Interrupted, stop_signals
 
-    def interrupt(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        with stop_signals():
+            yield
+    except Interrupted as stop:
+        name = signal.Signals(stop.signum).name
+        say(f"balancectl: stopped by {name}; every node it started is stopped")
+        raise typer.Exit(stop.exit_status) from None
 
 
 @app.command()
@@ -244,7 +271,7 @@ def loadtest(
     progress: Annotated[bool, typer.Option(envvar=env("progress"))] = True,
 ) -> None:
     """Fire all requests at the same moment, verify, report; exit 1 when a check fails."""
-    from balancectl.loadtest import LoadtestConfig
+    from balancectl.toolkit.loadtest import LoadtestConfig
 
     config = LoadtestConfig(
         urls=tuple(url),
@@ -262,7 +289,12 @@ def loadtest(
 
 def run_and_report(config: LoadtestConfig, json_out: Path | None) -> bool:
     """Run the load test, print its verdict table (and JSON); whether it passed."""
-    from balancectl.loadtest import LoadtestError, build_verdict_table, report_json, run_loadtest
+    from balancectl.toolkit.loadtest import (
+        LoadtestError,
+        build_verdict_table,
+        report_json,
+        run_loadtest,
+    )
 
     try:
         report = asyncio.run(run_loadtest(config))
@@ -285,7 +317,7 @@ def jobs(
     json_output: Annotated[bool, typer.Option("--json", help="Print GET /jobs as JSON.")] = False,
 ) -> None:
     """The cluster's jobs as a table (live with --watch)."""
-    from balancectl.jobs_view import build_jobs_table
+    from balancectl.toolkit.jobs_view import build_jobs_table
 
     fetch = jobs_source(url, database_url)
     if json_output:
@@ -296,18 +328,21 @@ def jobs(
         return
     from rich.live import Live
 
-    with Live(build_jobs_table(fetch()), console=out, refresh_per_second=4) as live:
-        try:
+    try:
+        with Live(build_jobs_table(fetch()), console=out, refresh_per_second=4) as live:
             while True:
                 time.sleep(interval)
                 live.update(build_jobs_table(fetch()))
-        except KeyboardInterrupt:
-            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if not out.is_terminal:
+            out.line()  # a live display ends its last frame without a newline off a terminal
 
 
 def jobs_source(url: str | None, database_url: str | None) -> Callable[[], dict[str, Any]]:
     """A function returning the ``GET /jobs`` document, from a node or the database."""
-    from balancectl.jobs_view import fetch_jobs
+    from balancectl.toolkit.jobs_view import fetch_jobs
 
     if url:
         return lambda: fetch_jobs(url)
@@ -318,20 +353,58 @@ def jobs_source(url: str | None, database_url: str | None) -> Callable[[], dict[
     resolved = resolve_database_url(database_url)
 
     async def read() -> dict[str, Any]:
-        db = Database(resolved, PoolSettings(min_size=1, max_size=1))
+        db = Database(resolved, PoolSettings(min_size=1, max_size=1, timeout=DB_TIMEOUT))
         await db.open(wait=True)
         try:
             return await jobs_document(db)
         finally:
             await db.close()
 
-    return lambda: asyncio.run(read())
+    def fetch() -> dict[str, Any]:
+        probe_database(resolved)  # the reason in one line, not a pool's retries and timeout
+        return read_or_explain(read)
+
+    return fetch
+
+
+def read_or_explain(read: Callable[[], Coroutine[Any, Any, dict[str, Any]]]) -> dict[str, Any]:
+    """Run ``read``; a database gone away meanwhile (``jobs --watch``) is one line, exit 2."""
+    from psycopg import OperationalError
+    from psycopg_pool import PoolTimeout
+
+    from balancectl.errors import BalancectlError
+
+    try:
+        return asyncio.run(read())
+    except (PoolTimeout, OperationalError, BalancectlError) as error:
+        raise ConfigError(f"the database cannot be reached: {describe(error)}") from error
+
+
+def probe_database(url: str, timeout: int = DB_TIMEOUT) -> None:
+    """One connection attempt, so an unreachable database is one line, not a pool's retries."""
+    import psycopg
+
+    from balancectl.db import first_line
+
+    try:
+        psycopg.connect(url, connect_timeout=timeout).close()
+    except psycopg.OperationalError as error:
+        raise ConfigError(f"the database cannot be reached: {first_line(error)}") from error
 
 
 @app.command()
 def demo(
     database_url: DatabaseUrl = None,
-    base_port: Annotated[int, typer.Option(envvar=env("base-port"), min=1, max=65000)] = 8000,
+    base_port: Annotated[
+        int | None,
+        typer.Option(
+            envvar=env("base-port"),
+            min=1,
+            max=65000,
+            help="Fixed ports from this one (default: free ports, printed).",
+            show_default=False,
+        ),
+    ] = None,
     nodes: Annotated[int, typer.Option(envvar=env("nodes"), min=1, max=64)] = 5,
     requests: Annotated[int, typer.Option(envvar=env("requests"), min=1)] = 10000,
     watch_seconds: Annotated[
@@ -340,16 +413,56 @@ def demo(
 ) -> None:
     """The whole story on one machine, from nothing: migrate, 5 nodes, the 10,000-request
     test across them, the verdict, then the jobs spreading over the nodes, live."""
-    from balancectl.demo import run_demo
+    from balancectl.toolkit.demo import run_demo
 
-    if not run_demo(resolve_database_url(database_url), nodes, base_port, requests, watch_seconds):
+    with launcher():
+        url = resolve_database_url(database_url)
+        passed = run_demo(url, nodes, base_port, requests, watch_seconds)
+    if not passed:
         raise typer.Exit(1)
 
 
+def older_negative_env(name: str) -> Callable[[typer.Context, typer.CallbackParam, bool], bool]:
+    """Keep the older ``BALANCECTL_NO_<NAME>=1`` working: it counts only when neither
+    ``--[no-]<name>`` nor ``BALANCECTL_<NAME>`` is given."""
+
+    def callback(ctx: typer.Context, param: typer.CallbackParam, value: bool) -> bool:
+        older = os.environ.get(env(f"no-{name}"))
+        source = ctx.get_parameter_source(param.name or "")
+        if older is None or source is None or source.name != "DEFAULT":
+            return value
+        return not env_flag(env(f"no-{name}"), older)
+
+    return callback
+
+
+def env_flag(variable: str, raw: str) -> bool:
+    """A boolean environment variable, spelled as click spells booleans."""
+    text = raw.strip().lower()
+    if text in ("1", "true", "t", "yes", "y", "on"):
+        return True
+    if text in ("", "0", "false", "f", "no", "n", "off"):
+        return False
+    raise typer.BadParameter(f"{variable}={raw!r} is not a boolean (use 1 or 0)")
+
+
+def describe(error: BaseException) -> str:
+    """``Type: first line of the message``, for a one-line report."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 def main() -> None:
-    """The console script: bad configuration is one line on stderr and exit status 2."""
+    """The console script. Bad configuration, an unreachable node or database: one line on
+    stderr and exit status 2. Anything unexpected (a bug): one line, a hint, status 70."""
     try:
         app()
     except ConfigError as error:
-        err.print(f"balancectl: {error}", highlight=False, markup=False, soft_wrap=True)
+        say(f"balancectl: {error}")
         raise SystemExit(2) from None
+    except Exception as error:
+        if os.environ.get("BALANCECTL_DEBUG", "") not in ("", "0"):
+            raise
+        say(f"balancectl: internal error: {describe(error)}")
+        say("(this is a bug; run again with BALANCECTL_DEBUG=1 to see the traceback)")
+        raise SystemExit(EX_SOFTWARE) from None

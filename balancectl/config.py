@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from balancectl.errors import ConfigError
@@ -38,7 +37,6 @@ class PoolSettings:
 class SchedulerSettings:
     """The in-process scheduler's timing; every lease decision itself uses the database clock."""
 
-    jobs_file: Path | None = None
     lease_ttl: float = 15.0
     poll_interval: float = 1.0
     settle: float = 5.0

@@ -23,10 +23,15 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 from balancectl.admission import Admission, AdmissionFull, AdmissionTimeout
 from balancectl.config import PoolSettings
 from balancectl.errors import BalancectlError, Unavailable
-from balancectl.queries import query
+from balancectl.sql.loader import query
 
 Row = dict[str, Any]
 FAILING_WAIT = 1.0  # seconds a request waits for a connection while the database fails
+# psycopg_pool retries a failed connection with a doubling delay (1, 2, 4, ... 32 s) for
+# reconnect_timeout (5 min by default): after a 45 s outage a pool could wait 18 s more
+# before it tried again. Giving an attempt up after 2 s lets the next request start a new
+# one at once, so a pool is back within about 2 s of the database.
+RECONNECT_GIVE_UP = 2.0
 # How long a statement past its deadline (or whose caller was cancelled) gets for the
 # server's cancel, then for the answer to it, before its connection is cut: a cancel to
 # a dead server must not hang the caller (psycopg's own waits are 5 s + 5 s).
@@ -174,6 +179,7 @@ class Database:
             max_size=settings.max_size,
             timeout=settings.timeout,
             max_waiting=settings.max_waiting,
+            reconnect_timeout=RECONNECT_GIVE_UP,
             kwargs=connection_kwargs(settings),
             connection_class=psycopg.AsyncConnection[Row],
             name=name,

@@ -48,10 +48,18 @@ class ConfigError(Exception):
     """Bad usage or configuration: the command line exits with status 2 and this message."""
 
 
+PROBLEM_TYPE_PREFIX = "urn:balancectl:problem:"
+
+
+def problem_type(slug: str) -> str:
+    """The ``type`` URI of a problem: ``urn:balancectl:problem:<slug>``."""
+    return PROBLEM_TYPE_PREFIX + slug
+
+
 def problem_document(error: BalancectlError) -> dict[str, object]:
     """The RFC 9457 body of a domain error (the same for live and replayed responses)."""
     return {
-        "type": f"urn:balancectl:problem:{error.slug}",
+        "type": problem_type(error.slug),
         "title": error.title,
         "status": error.status,
         "detail": error.detail,

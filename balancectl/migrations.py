@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
+import psycopg
+import sqlalchemy.exc
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
 import balancectl
+from balancectl.errors import ConfigError
+
+log = logging.getLogger("balancectl.migrations")
 
 
 def script_location() -> Path:
@@ -35,3 +42,29 @@ def head_revision() -> str:
     head = ScriptDirectory.from_config(alembic_config("postgresql://")).get_current_head()
     assert head is not None
     return head
+
+
+def upgrade_when_reachable(database_url: str, wait: float, report_every: float = 5.0) -> None:
+    """Upgrade to head, retrying for up to ``wait`` seconds while the database is down.
+
+    The wait is logged once at once, then at most every ``report_every`` seconds, not
+    once per retry; ``wait=0`` is one attempt.
+    """
+    began = time.monotonic()
+    deadline, next_report = began + wait, began
+    while True:
+        try:
+            upgrade(database_url)
+            break
+        except (sqlalchemy.exc.OperationalError, psycopg.OperationalError) as error:
+            reason = str(getattr(error, "orig", error)).strip().splitlines()[0]
+            now = time.monotonic()
+            if now >= deadline:
+                raise ConfigError(f"the database cannot be reached: {reason}") from error
+            if now >= next_report:
+                left = deadline - now
+                log.warning("database not reachable yet (%s); retrying for %.0f s", reason, left)
+                next_report = now + report_every
+            time.sleep(min(1.0, deadline - now))
+    if next_report > began:
+        log.info("database reached after %.1f s", time.monotonic() - began)

@@ -13,42 +13,23 @@ import asyncio
 import logging
 import signal
 import socket
-import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
-
-import psycopg
-import sqlalchemy.exc
 
 from balancectl import migrations
 from balancectl.config import NodeSettings, PoolSettings
 from balancectl.db import Database
 from balancectl.errors import ConfigError
-from balancectl.limits import raise_open_files_limit
 from balancectl.logs import configure_logging
+from balancectl.open_files import raise_open_files_limit
 from balancectl.scheduler import JobRetention, JobSpec, Scheduler, SchedulerStore
 from balancectl.workers import Workers, WorkersFailed
 
 log = logging.getLogger("balancectl.node")
 SOMAXCONN = "/proc/sys/net/core/somaxconn"
 
-__all__ = ["bind", "configure_logging", "migrate_when_reachable", "serve"]
-
-
-def migrate_when_reachable(database_url: str, wait: float) -> None:
-    """Upgrade to head, retrying for up to ``wait`` seconds while the database is down."""
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            migrations.upgrade(database_url)
-            return
-        except (sqlalchemy.exc.OperationalError, psycopg.OperationalError) as error:
-            reason = str(getattr(error, "orig", error)).strip().splitlines()[0]
-            if time.monotonic() >= deadline:
-                raise ConfigError(f"the database cannot be reached: {reason}") from error
-            log.warning("database not reachable yet (%s); retrying", reason)
-            time.sleep(1.0)
+__all__ = ["bind", "configure_logging", "serve"]
 
 
 def bind(host: str, port: int, backlog: int = 16384) -> socket.socket:
@@ -88,7 +69,7 @@ def serve(settings: NodeSettings, specs: Sequence[JobSpec], db_wait: float = 30.
     """Migrate, then serve the API and run the scheduler until asked to stop."""
     sock = bind(settings.host, settings.port, settings.backlog)
     raise_open_files_limit()
-    migrate_when_reachable(settings.database_url, db_wait)
+    migrations.upgrade_when_reachable(settings.database_url, db_wait)
     try:
         received = asyncio.run(supervise(settings, specs, sock))
     except WorkersFailed as error:

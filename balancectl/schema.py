@@ -83,7 +83,9 @@ job_runs = sa.Table(
     sa.Column("error", sa.Text, nullable=True),
     sa.UniqueConstraint("job", "token", name="job_runs_one_per_claim"),
     sa.CheckConstraint(
-        "status IN ('succeeded', 'failed', 'lost', 'cancelled')", name="job_runs_status"
+        "status IN ('succeeded', 'failed', 'lost', 'cancelled', 'timed_out', 'unresponsive', "
+        "'crashed')",
+        name="job_runs_status",
     ),
     sa.Index("job_runs_job_started", "job", sa.text("started_at DESC")),
     sa.Index("job_runs_node_started", "node", sa.text("started_at DESC")),

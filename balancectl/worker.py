@@ -20,8 +20,8 @@ from multiprocessing.synchronize import Event
 import uvicorn
 
 from balancectl.api import create_app
+from balancectl.api.http_limits import GuardedHttpToolsProtocol
 from balancectl.config import NodeSettings, PoolSettings
-from balancectl.http_guard import GuardedHttpToolsProtocol
 from balancectl.logs import configure_logging
 
 PR_SET_PDEATHSIG = 1

@@ -18,7 +18,6 @@ import tempfile
 import time
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
-from types import TracebackType
 
 from balancectl.config import NodeSettings
 from balancectl.worker import run_worker
@@ -71,12 +70,7 @@ class Workers:
             await asyncio.sleep(WATCH_EVERY / 4)
         return True
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *_: object) -> None:
         self.terminate()
         self._reap(STOP_GRACE)
         shutil.rmtree(self._folder, ignore_errors=True)

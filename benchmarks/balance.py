@@ -56,11 +56,11 @@ from sqlalchemy import text  # noqa: E402
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine  # noqa: E402
 
 from balancectl import migrations  # noqa: E402
-from balancectl.cluster import LocalCluster  # noqa: E402
 from balancectl.config import PoolSettings  # noqa: E402
 from balancectl.db import Database, Row, connection_kwargs  # noqa: E402
-from balancectl.loadtest import LoadtestConfig, LoadtestReport, run_loadtest  # noqa: E402
-from balancectl.queries import query  # noqa: E402
+from balancectl.sql.loader import query  # noqa: E402
+from balancectl.toolkit.cluster import LocalCluster  # noqa: E402
+from balancectl.toolkit.loadtest import LoadtestConfig, LoadtestReport, run_loadtest  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WRK_SCRIPT = HERE / "balance_post.lua"
@@ -881,7 +881,7 @@ def markdown(report: Report) -> str:
         *sustained_table(report),
         "### Data-access path, in-process (the same statement)",
         *access_table(report),
-        "### The burst (balancectl.loadtest.run_loadtest)",
+        "### The burst (balancectl.toolkit.loadtest.run_loadtest)",
         *burst_table(report),
         f"Checks: {json.dumps(report.checks)}",
     ]

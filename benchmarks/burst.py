@@ -43,8 +43,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-from balancectl.cluster import LocalCluster  # noqa: E402
-from balancectl.queries import query  # noqa: E402
+from balancectl.sql.loader import query  # noqa: E402
+from balancectl.toolkit.cluster import LocalCluster  # noqa: E402
 from benchmarks.balance import (  # noqa: E402
     Options,
     admin,

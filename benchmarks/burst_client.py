@@ -20,8 +20,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from balancectl.limits import raise_open_files_limit  # noqa: E402
-from balancectl.loadtest import LoadtestConfig, fire_burst  # noqa: E402
+from balancectl.open_files import raise_open_files_limit  # noqa: E402
+from balancectl.toolkit.loadtest import LoadtestConfig, fire_burst  # noqa: E402
 
 
 def main() -> None:

@@ -38,8 +38,8 @@ import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
 from balancectl import migrations  # noqa: E402
-from balancectl.cluster import LocalCluster  # noqa: E402
-from balancectl.queries import query  # noqa: E402
+from balancectl.sql.loader import query  # noqa: E402
+from balancectl.toolkit.cluster import LocalCluster  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HISTORY_ROWS = 100_000

@@ -27,8 +27,8 @@ import pytest
 from psycopg import sql as pgsql
 from psycopg.abc import Params
 
-from balancectl.embedded import embedded_database_url, stop_embedded
 from balancectl.migrations import upgrade
+from balancectl.toolkit.embedded import embedded_database_url, stop_embedded
 
 RUN_PREFIX = f"balancectl_test_{secrets.token_hex(4)}"
 _database_numbers = count(1)

@@ -4,11 +4,21 @@
 on free loopback ports against the test's own database, waits until each answers
 ``/readyz``, and stops them all (SIGTERM, then SIGKILL) when the test ends. Each
 node's log goes to a file under the test's tmp_path; on failure the logs are printed.
+
+``Launched`` runs one ``balancectl`` command as a user would, in a session of its own:
+whatever it starts (nodes, their workers, their process groups) stays in that session,
+so ``leftovers()`` finds them by session id, never by name.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -16,7 +26,7 @@ from typing import IO, Any
 
 import pytest
 
-from balancectl.cluster import LocalCluster
+from balancectl.toolkit.cluster import LocalCluster
 from tests.conftest import free_port
 
 ClusterFactory = Callable[..., LocalCluster]
@@ -103,3 +113,85 @@ def node_args(
     if no_scheduler:
         args.append("--no-scheduler")
     return args
+
+
+def session_processes(session: int) -> list[int]:
+    """The live (not zombie) processes whose session id is ``session``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            stat = (Path("/proc") / entry / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after "pid (command)"
+        if fields[0] != "Z" and int(fields[3]) == session:
+            found.append(int(entry))
+    return found
+
+
+class Launched:
+    """``balancectl <args>`` in a session of its own; stdout and stderr read as one text."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "balancectl", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            text=True, start_new_session=True, env={**os.environ, **(env or {})},
+        )  # fmt: skip
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float = 90.0) -> None:
+        """Until ``text`` appears in the output; fail if the command ends or time runs out."""
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            assert self.process.poll() is None, f"ended before {text!r}:\n{self.output}"
+            assert time.monotonic() < deadline, f"no {text!r} in {timeout} s:\n{self.output}"
+            time.sleep(0.05)
+
+    def finish(self, timeout: float = 120.0) -> int:
+        """Its exit status, once it has ended and its output is read."""
+        status = self.process.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return status
+
+    def leftovers(self, grace: float = 2.0) -> list[int]:
+        """Processes still in its session ``grace`` seconds after it ended (there should be
+        none: the grace only lets a process that is exiting finish)."""
+        deadline = time.monotonic() + grace
+        while (left := session_processes(self.process.pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return left
+
+    def kill_all(self) -> None:
+        """SIGKILL whatever is left in its session (a failed test's cleanup)."""
+        for pid in session_processes(self.process.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.process.poll() is None:
+            self.process.wait(timeout=10)
+
+    def close(self) -> None:
+        """Kill what is left, finish reading, close the pipe (``with`` does this)."""
+        self.__exit__()
+
+    def __enter__(self) -> Launched:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.kill_all()
+        self._reader.join(timeout=10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()

@@ -8,10 +8,12 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, get, post
+from litestar.di import NamedDependency
 from litestar.exceptions import HTTPException
 from litestar.params import Parameter
 
 from balancectl import balance
+from balancectl.api.auth import check_token
 from balancectl.api.documents import (
     INT64_MAX,
     MAX_AMOUNT,
@@ -22,7 +24,6 @@ from balancectl.api.documents import (
     UserBalance,
     problem_specs,
 )
-from balancectl.api.guards import check_token
 from balancectl.api.problems import problem_response
 from balancectl.db import Database
 from balancectl.errors import InvalidRequest
@@ -177,6 +178,6 @@ def answer(outcome: balance.Outcome) -> Response[Any]:
     ),
     summary="A user's balance",
 )
-async def get_user(db: Database, userId: UserId) -> UserBalance:
+async def get_user(db: NamedDependency[Database], userId: UserId) -> UserBalance:
     uid = parse_user_id(userId)
     return UserBalance(userId=uid, balance=await balance.get_balance(db, uid))

@@ -7,6 +7,7 @@ from typing import Annotated
 import msgspec
 from litestar import get
 from litestar.datastructures import State
+from litestar.di import NamedDependency
 from litestar.params import Parameter
 
 from balancectl.api.documents import (
@@ -37,7 +38,7 @@ def parse_filter(name: str, value: str | None) -> str | None:
     summary="Every configured job: which node runs it and for how long, or when it is due",
     responses={503: problem_spec(UNAVAILABLE)},
 )
-async def list_jobs(db: Database) -> JobsDocument:
+async def list_jobs(db: NamedDependency[Database]) -> JobsDocument:
     return msgspec.convert(await listing.jobs_document(db), JobsDocument)
 
 
@@ -47,7 +48,7 @@ async def list_jobs(db: Database) -> JobsDocument:
     responses=problem_specs({422: "Invalid filter (slug invalid-request)", 503: UNAVAILABLE}),
 )
 async def job_history(
-    db: Database,
+    db: NamedDependency[Database],
     job: NameFilter = None,
     node: NameFilter = None,
     limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
@@ -62,6 +63,6 @@ async def job_history(
     summary="Nodes that have run, for display only",
     responses={503: problem_spec(UNAVAILABLE)},
 )
-async def list_nodes(db: Database, state: State) -> NodesDocument:
+async def list_nodes(db: NamedDependency[Database], state: State) -> NodesDocument:
     document = await listing.nodes_document(db, state.lease_ttl)
     return msgspec.convert(document, NodesDocument)

@@ -7,6 +7,7 @@ from typing import Any
 import psycopg
 from litestar import Request, Response, get
 from litestar.datastructures import State
+from litestar.di import NamedDependency
 
 from balancectl.api.documents import problem_spec
 from balancectl.api.metrics import Metrics
@@ -24,7 +25,7 @@ async def healthz() -> dict[str, str]:
     summary="The database answers and the schema is at head",
     responses={503: problem_spec("Not ready")},
 )
-async def readyz(db: Database, state: State) -> dict[str, str]:
+async def readyz(db: NamedDependency[Database], state: State) -> dict[str, str]:
     node_ready = state.get("node_ready")
     if node_ready is not None and not node_ready.is_set():
         raise Unavailable("the node is starting: its scheduler has not joined the cluster yet")
@@ -42,6 +43,8 @@ async def readyz(db: Database, state: State) -> dict[str, str]:
 
 
 @get("/metrics", summary="Prometheus text format", media_type="text/plain; version=0.0.4")
-async def metrics(request: Request[Any, Any, Any], db: Database) -> Response[bytes]:
+async def metrics(
+    request: Request[Any, Any, Any], db: NamedDependency[Database]
+) -> Response[bytes]:
     registry: Metrics = request.app.state.metrics
     return Response(registry.render(db), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from litestar import MediaType, Request, Response
+from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.types import ExceptionHandlersMap
 
-from balancectl.errors import BalancectlError, InvalidRequest, problem_document
+from balancectl.errors import BalancectlError, InvalidRequest, problem_document, problem_type
 
 PROBLEM_JSON = "application/problem+json"
 log = logging.getLogger("balancectl.api")
@@ -53,7 +53,7 @@ def http_problem(status: int, detail: str) -> dict[str, Any]:
     """The problem document of an HTTP-level error (no domain error behind it)."""
     slug, title = _SLUGS.get(status, ("http-error", "HTTP error"))
     return {
-        "type": f"urn:balancectl:problem:{slug}",
+        "type": problem_type(slug),
         "title": title,
         "status": status,
         "detail": detail,
@@ -70,7 +70,7 @@ def on_unexpected_error(
 ) -> Response[dict[str, Any]]:
     log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=error)
     document = {
-        "type": "urn:balancectl:problem:internal",
+        "type": problem_type("internal"),
         "title": "Internal error",
         "status": 500,
         "detail": "the node failed to handle this request; its log has the details",
@@ -87,4 +87,4 @@ def exception_handlers() -> ExceptionHandlersMap:
     }
 
 
-__all__ = ["PROBLEM_JSON", "MediaType", "exception_handlers", "http_problem", "problem_response"]
+__all__ = ["PROBLEM_JSON", "exception_handlers", "http_problem", "problem_response"]

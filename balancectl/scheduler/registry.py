@@ -1,4 +1,4 @@
-"""The jobs file (TOML): each job's name, function, interval and minimum duration."""
+"""The jobs file (TOML): each job's name, function, interval, minimum and maximum duration."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 JobFunction = Callable[["JobContext"], Awaitable[None]]
 
 DEFAULT_MIN_DURATION = 120.0
-_KEYS = {"name", "function", "interval", "min_duration"}
+DEFAULT_MAX_DURATION = 3600.0
+_KEYS = {"name", "function", "interval", "min_duration", "max_duration"}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -35,6 +36,8 @@ class JobSpec:
     interval: float
     min_duration: float
     call: JobFunction
+    # A run still going this long after its start is stopped and recorded ``timed_out``.
+    max_duration: float = DEFAULT_MAX_DURATION
 
 
 def parse_duration(value: object, where: str) -> float:
@@ -84,8 +87,21 @@ def parse_job(entry: object, index: int) -> JobSpec:
     )
     if min_duration < 0:
         raise ConfigError(f"{label}: field 'min_duration' must not be negative")
+    max_duration = parse_duration(
+        entry.get("max_duration", default_max_duration(min_duration)),
+        f"{label}: field 'max_duration'",
+    )
+    if max_duration <= min_duration:
+        raise ConfigError(f"{label}: field 'max_duration' must be longer than 'min_duration'")
     call = import_function(function, f"{label}: field 'function'")
-    return JobSpec(name, function, interval, min_duration, call)
+    return JobSpec(name, function, interval, min_duration, call, max_duration)
+
+
+def default_max_duration(min_duration: float) -> float:
+    """One hour, or an hour past a minimum duration that is itself that long."""
+    if min_duration < DEFAULT_MAX_DURATION:
+        return DEFAULT_MAX_DURATION
+    return min_duration + DEFAULT_MAX_DURATION
 
 
 def parse_jobs(text: str, source: str) -> list[JobSpec]:

@@ -1,12 +1,19 @@
 """The in-process scheduler of one node: claim due jobs, keep their leases, run them, record them.
 
 Three small loops share one node's state:
-- ``_claim_loop`` claims due jobs (one statement each) every poll, with jitter;
-- ``_renew_loop`` renews every held lease in one statement and heartbeats the node;
-- ``_watchdog_loop`` stops a run whose local deadline passed, before its lease can
-  expire for the other nodes. The deadline runs on the monotonic clock from when
-  the last successful renewal was *sent*, minus a margin, so a paused or cut-off
-  node gives up before anyone else may start the job.
+- ``_claim_loop`` claims due jobs (one statement each) every poll, with jitter, once the
+  node has settled: after its start, and again after it was cut off from the database for
+  longer than a lease (its peers counted it gone; they must all be back before it claims);
+- ``_renew_loop`` renews every held lease and heartbeats the node in one statement, sent
+  every ``renew_every`` from the previous send, so a slow answer never widens the gap;
+- ``_watchdog_loop`` stops a run whose local deadline passed, before its lease can expire
+  for the other nodes (the deadline runs on the monotonic clock from when the last
+  successful renewal was *sent*, minus a margin); stops a run past its ``max_duration``;
+  records a run whose task died without a record; and gives up a run that ignores its
+  stop signal (recorded ``unresponsive``, its lease no longer renewed).
+
+Every database call is bounded, and the node never waits for a cancelled call to wind
+down (a silent link would hold it for minutes): the call is left to end in the background.
 """
 
 from __future__ import annotations
@@ -17,13 +24,14 @@ import random
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from datetime import datetime
+from typing import Any, TypeVar
 
 from balancectl.config import SchedulerSettings
 from balancectl.db import Database, first_line
-from balancectl.scheduler.context import JobContext
+from balancectl.scheduler.context import JobContext, LeaseLost
 from balancectl.scheduler.registry import JobSpec
-from balancectl.scheduler.store import Claim, SchedulerStore
+from balancectl.scheduler.store import Claim, Renewal, SchedulerStore
 
 log = logging.getLogger("balancectl.scheduler")
 T = TypeVar("T")
@@ -35,21 +43,36 @@ class Run:
 
     claim: Claim
     spec: JobSpec
-    context: JobContext
     deadline: float
+    hard_deadline: float
+    context: JobContext | None = None
     task: asyncio.Task[None] | None = None
     stop_reason: str | None = None
+    stop_error: str | None = None
+    stopped_at: float | None = None
     recording: bool = False
+    work_done: bool = False
     started: float = field(default_factory=time.monotonic)
 
-    def stop(self, reason: str) -> None:
-        """End the run: ``lost`` (lease gone) or ``cancelled`` (shutdown); the first reason wins."""
+    def stop(self, reason: str, error: str | None = None) -> None:
+        """End the run: ``lost``, ``timed_out`` or ``cancelled``; the first reason wins."""
         if self.stop_reason is not None or self.recording:
             return
-        self.stop_reason = reason
-        self.context.stopping.set()
+        self.stop_reason, self.stop_error, self.stopped_at = reason, error, time.monotonic()
+        if self.context is not None:
+            self.context.stopping.set()
         if self.task is not None:
             self.task.cancel()
+
+    def renewable(self, now: float) -> bool:
+        """Only a run still going, inside its ``max_duration`` and its local deadline (the
+        node can still vouch for it: it was not paused past it), has its lease renewed."""
+        going = self.stop_reason is None and not self.recording
+        return going and now < min(self.deadline, self.hard_deadline)
+
+    def lease_deadline(self) -> float:
+        """Until when (monotonic) the node vouches for this run's lease: the fence's check."""
+        return min(self.deadline, self.hard_deadline)
 
 
 @dataclass(frozen=True)
@@ -77,15 +100,36 @@ class Scheduler:
         self.runs: dict[str, Run] = {}
         self._stopping = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[Any]] = set()
+        self._connected_since = self._last_renewed = time.monotonic()
+        self._clock: tuple[float, datetime] | None = None
+        self._lost_touch_at: datetime | None = None
+        self._recovered_by = 0.0
 
     @property
     def margin(self) -> float:
         """How long before its lease expires a node gives a run up without a renewal."""
         return max(self.settings.lease_ttl * 0.2, min(1.0, self.settings.lease_ttl / 3))
 
+    @property
+    def call_timeout(self) -> float:
+        """Every scheduler call ends within this, so renewals go out every ``renew_every``."""
+        return self.settings.renew_every * 0.9
+
+    @property
+    def claim_deadline(self) -> float:
+        """A lease of this node older than this that it does not know of, it never runs."""
+        return 2 * self.call_timeout + 0.2
+
+    @property
+    def stop_grace(self) -> float:
+        """How long a stopped job may take to end before it counts as unresponsive."""
+        return self.margin
+
     async def start(self) -> None:
         await self.store.register_node()
         await self.store.register_jobs(list(self.specs.values()))
+        self._connected_since = self._last_renewed = time.monotonic()
         self._loops = [
             asyncio.create_task(self._claim_loop(), name="scheduler-claim"),
             asyncio.create_task(self._renew_loop(), name="scheduler-renew"),
@@ -93,37 +137,55 @@ class Scheduler:
         ]
 
     async def stop(self) -> None:
-        """Stop claiming, cancel every run (recorded ``cancelled``, leases released)."""
+        """Stop claiming, cancel every run (recorded ``cancelled``, leases released).
+
+        Bounded whatever the link does: about three call timeouts plus the stop grace.
+        """
         self._stopping.set()
         if self._loops:
             # A claim in flight may still win a job: let the claim loop end first, so that
             # run is in self.runs (and has started) and gets cancelled and recorded too.
-            await asyncio.gather(self._loops[0], return_exceptions=True)
+            await asyncio.wait(self._loops[:1], timeout=self.call_timeout + 0.5)
             await asyncio.sleep(0)
         runs = list(self.runs.values())
         for run in runs:
             run.stop("cancelled")
-        await asyncio.gather(*(run.task for run in runs if run.task), return_exceptions=True)
+        tasks = [run.task for run in runs if run.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.stop_grace)
+        stuck = [run for run in runs if not run.recording]
+        error = "the job did not end when the node stopped"
+        await asyncio.gather(*(self._record(run, "unresponsive", error) for run in stuck))
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.call_timeout + 0.5)
         for loop in self._loops:
             loop.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        if self._loops:
+            await asyncio.wait(self._loops, timeout=1.0)
         await self._bounded("mark node stopped", self.store.stop_node())
 
+    # ------------------------------------------------------------------ claiming
+
+    def _may_claim(self, now: float) -> bool:
+        """Heartbeat fresh (the peers count this node) and settled since (re)connecting."""
+        fresh = now - self._last_renewed < self.settings.lease_ttl - self.margin
+        return fresh and now >= self._connected_since + self.settings.settle
+
     async def _claim_loop(self) -> None:
-        if not await self._pause(self.settings.settle):
-            return
-        while True:
+        while await self._pause(self.settings.poll_interval * random.uniform(0.8, 1.2)):
             await self._claim_due()
-            if not await self._pause(self.settings.poll_interval * random.uniform(0.8, 1.2)):
-                return
 
     async def _claim_due(self) -> None:
-        while not self._stopping.is_set():
-            sent = time.monotonic()
+        while not self._stopping.is_set() and self._may_claim(sent := time.monotonic()):
+            may_starve = sent - self._connected_since >= self.settings.starve_after
+            alive_at = self._lost_touch_at if sent < self._recovered_by else None
+            # Never a job this node still runs (a run told to stop may not have ended).
+            names = [name for name in self.specs if name not in self.runs]
+            settings = self.settings
             claim = await self._bounded(
                 "claim",
                 self.store.claim(
-                    list(self.specs), self.settings.settle, self.settings.starve_after
+                    names, settings.settle, settings.starve_after, may_starve, alive_at
                 ),
             )
             if claim is None:
@@ -131,44 +193,58 @@ class Scheduler:
             self._start(claim, sent)
 
     def _start(self, claim: Claim, sent: float) -> None:
-        context = JobContext(
+        spec = self.specs[claim.job]
+        deadline = sent + self.settings.lease_ttl - self.margin
+        run = Run(claim, spec, deadline, hard_deadline=sent + spec.max_duration)
+        run.context = JobContext(
             job=claim.job,
             node=self.store.node,
             token=claim.token,
             started_at=claim.started_at,
-            db=self.job_db,
+            database=self.job_db,
+            deadline=run.lease_deadline,
             retention_seconds=self.retention.history_seconds,
             idempotency_retention_seconds=self.retention.idempotency_seconds,
         )
-        deadline = sent + self.settings.lease_ttl - self.margin
-        run = Run(claim, self.specs[claim.job], context, deadline)
         self.runs[claim.job] = run
         run.task = asyncio.create_task(self._execute(run), name=f"job-{claim.job}")
         log.info("claimed %s (token %d)", claim.job, claim.token)
 
+    # ------------------------------------------------------------------ running
+
     async def _execute(self, run: Run) -> None:
+        assert run.context is not None
         status, error = "succeeded", None
         try:
             await run.spec.call(run.context)
+            run.work_done = True
             await self._wait_out(run)
         except asyncio.CancelledError:
             status = run.stop_reason or "cancelled"
+        except LeaseLost as refused:
+            status, error = "lost", str(refused)
+            log.warning("job %s stopped: %s", run.claim.job, error)
         except Exception as failure:
             status, error = "failed", f"{type(failure).__name__}: {failure}"
             log.warning("job %s failed: %s", run.claim.job, error)
-        await self._record(run, run.stop_reason or status, error)
+        if not run.recording:
+            await self._record(run, run.stop_reason or status, run.stop_error or error)
 
     async def _wait_out(self, run: Run) -> None:
-        """Keep the run going until its minimum duration has passed (interruptible)."""
+        """Keep the run going until its minimum duration has passed, or it must stop."""
+        assert run.context is not None
         remaining = run.claim.min_duration - (time.monotonic() - run.started)
-        if remaining > 0:
-            await asyncio.sleep(remaining)
+        if remaining > 0 and not run.context.stopping.is_set():
+            try:
+                await asyncio.wait_for(run.context.stopping.wait(), timeout=remaining)
+            except TimeoutError:
+                return
 
     async def _record(self, run: Run, status: str, error: str | None) -> None:
         run.recording = True  # a later stop() must not interrupt the write
         written = await self._bounded(
             f"record {run.claim.job}",
-            self.store.finish(run.claim.job, run.claim.token, status, error),
+            self.store.finish(run.claim.job, run.claim.token, status, error, run.work_done),
         )
         if self.runs.get(run.claim.job) is run:
             del self.runs[run.claim.job]
@@ -176,36 +252,76 @@ class Scheduler:
             "%s (token %d) ended %s; recorded %s", run.claim.job, run.claim.token, status, written
         )
 
-    async def _renew_loop(self) -> None:
-        while await self._pause(self.settings.renew_every):
-            await self._renew()
-            await self._bounded("heartbeat", self.store.touch_node())
+    # ------------------------------------------------------------------ leases
 
-    async def _renew(self) -> None:
-        held = {name: run.claim.token for name, run in self.runs.items() if not run.stop_reason}
-        if not held:
-            return
+    async def _renew_loop(self) -> None:
         sent = time.monotonic()
-        renewed = await self._bounded("renew", self.store.renew(held))
-        if renewed is None:
+        while await self._pause(max(0.0, sent + self.settings.renew_every - time.monotonic())):
+            sent = time.monotonic()
+            await self._renew(sent)
+
+    async def _renew(self, sent: float) -> None:
+        held = {name: run.claim.token for name, run in self.runs.items() if run.renewable(sent)}
+        known = list(self.runs)
+        renewal = await self._bounded("renew", self.store.renew(held, known, self.claim_deadline))
+        if renewal is None:
             return
+        self._heard_back(sent, renewal)
         for name, token in held.items():
             run = self.runs.get(name)
             if run is None or run.claim.token != token:
                 continue
-            if name in renewed:
+            if name in renewal.renewed:
                 run.deadline = sent + self.settings.lease_ttl - self.margin
             else:
                 log.warning("lease of %s (token %d) is gone; stopping it", name, token)
-                run.stop("lost")
+                run.stop("lost", "the lease was gone at its renewal")
+
+    def _heard_back(self, sent: float, renewal: Renewal) -> None:
+        """A heartbeat went through: re-settle after a gap the peers took for a departure."""
+        if sent - self._last_renewed >= self.settings.lease_ttl - self.margin:
+            log.warning("back in touch with the database; settling before claiming again")
+            self._connected_since = sent
+            # Peers reconnect at their own pace (pool backoff): until then count as live
+            # those that were live when this node lost touch.
+            self._lost_touch_at = None if self._clock is None else self._clock[1]
+            self._recovered_by = sent + self.settings.settle + self.settings.lease_ttl
+        self._last_renewed = sent
+        if renewal.released:
+            log.warning("released %d lease(s) whose claim answer never arrived", renewal.released)
+        if self._clock is not None:
+            ahead = (renewal.now - self._clock[1]).total_seconds() - (sent - self._clock[0])
+            if ahead > self.margin:
+                log.warning("the database clock stepped forward by %.1f s", ahead)
+        self._clock = (sent, renewal.now)
+
+    # ------------------------------------------------------------------ watchdog
 
     async def _watchdog_loop(self) -> None:
         while await self._pause(min(0.25, self.settings.lease_ttl / 20)):
             now = time.monotonic()
             for run in list(self.runs.values()):
-                if now >= run.deadline and not run.stop_reason:
-                    log.warning("no lease renewal for %s in time; stopping it", run.claim.job)
-                    run.stop("lost")
+                self._watch(run, now)
+
+    def _watch(self, run: Run, now: float) -> None:
+        if run.recording:
+            return
+        if run.task is not None and run.task.done():
+            self._in_background(self._record(run, "crashed", died(run.task)))
+            return
+        if run.stop_reason is None:
+            if now >= run.deadline:
+                log.warning("no lease renewal for %s in time; stopping it", run.claim.job)
+                run.stop("lost", "no lease renewal in time")
+            elif now >= run.hard_deadline:
+                log.warning("%s ran past its max_duration; stopping it", run.claim.job)
+                run.stop("timed_out", f"ran past its max_duration of {run.spec.max_duration:g} s")
+        elif now >= max(run.deadline, (run.stopped_at or now) + self.stop_grace):
+            log.error("%s ignores its stop signal; giving its run up", run.claim.job)
+            error = f"stopped ({run.stop_reason}) but did not end: {run.stop_error or 'shutdown'}"
+            self._in_background(self._record(run, "unresponsive", error))
+
+    # ------------------------------------------------------------------ plumbing
 
     async def _pause(self, seconds: float) -> bool:
         """Sleep, waking at once on shutdown; ``False`` when the scheduler is stopping."""
@@ -215,10 +331,45 @@ class Scheduler:
             return True
         return False
 
+    def _in_background(self, call: Awaitable[Any]) -> asyncio.Future[Any]:
+        """Keep a reference to a task nobody awaits; retrieve its outcome when it ends."""
+        task = asyncio.ensure_future(call)
+        self._background.add(task)
+        task.add_done_callback(self._forget)
+        return task
+
+    def _forget(self, task: asyncio.Future[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled():
+            task.exception()
+
     async def _bounded(self, what: str, call: Awaitable[T]) -> T | None:
-        """Run one database call within a renewal period; log and return ``None`` on failure."""
+        """One database call within ``call_timeout``; log and return ``None`` on failure.
+
+        On timeout the call is cancelled but not awaited: its cancellation may itself
+        wait on a dead link, and it must not hold this loop (or the shutdown) up.
+        """
+        task = self._in_background(call)
         try:
-            return await asyncio.wait_for(call, timeout=max(self.settings.renew_every, 1.0))
+            done, _ = await asyncio.wait({task}, timeout=self.call_timeout)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not done:
+            task.cancel()
+            log.warning("%s failed: no answer within %.1f s", what, self.call_timeout)
+            return None
+        try:
+            result: T = task.result()
         except Exception as failure:
             log.warning("%s failed: %s", what, first_line(failure))
             return None
+        return result
+
+
+def died(task: asyncio.Task[None]) -> str:
+    """What ended a job's task that left no record."""
+    if task.cancelled():
+        return "the job's task was cancelled before it could record its run"
+    failure = task.exception()
+    return f"the job's task ended without a record: {type(failure).__name__}: {failure}"

@@ -23,6 +23,15 @@ class Claim:
     min_duration: float
 
 
+@dataclass(frozen=True)
+class Renewal:
+    """One renewal's answer: the database's clock, the leases extended, unknown ones freed."""
+
+    now: datetime
+    renewed: set[str]
+    released: int
+
+
 class SchedulerStore:
     """Every database call the scheduler makes, on the database clock."""
 
@@ -33,26 +42,29 @@ class SchedulerStore:
         params = {"node": self.node, "host": socket.gethostname(), "pid": os.getpid()}
         await self.db.fetch_one("register_node", params)
 
-    async def touch_node(self) -> None:
-        await self.db.execute("touch_node", {"node": self.node})
-
     async def stop_node(self) -> None:
         await self.db.execute("stop_node", {"node": self.node})
 
     async def register_jobs(self, specs: Sequence[JobSpec]) -> None:
-        async with self.db.transaction() as tx:
-            for spec in specs:
-                await tx.execute(
-                    "register_job",
-                    {
-                        "name": spec.name,
-                        "function": spec.function,
-                        "interval_seconds": spec.interval,
-                        "min_duration_seconds": spec.min_duration,
-                    },
-                )
+        """Add or update every job's definition in one statement (no lock held across trips)."""
+        await self.db.execute(
+            "register_jobs",
+            {
+                "names": [spec.name for spec in specs],
+                "functions": [spec.function for spec in specs],
+                "intervals": [spec.interval for spec in specs],
+                "min_durations": [spec.min_duration for spec in specs],
+            },
+        )
 
-    async def claim(self, names: Sequence[str], settle: float, starve_after: float) -> Claim | None:
+    async def claim(
+        self,
+        names: Sequence[str],
+        settle: float,
+        starve_after: float,
+        may_starve: bool,
+        alive_at: datetime | None = None,
+    ) -> Claim | None:
         """Claim one due job, or ``None``; see ``claim_job`` for the spreading rule."""
         row = await self.db.fetch_one(
             "claim_job",
@@ -62,30 +74,45 @@ class SchedulerStore:
                 "lease_ttl": self.lease_ttl,
                 "settle": settle,
                 "starve_after": starve_after,
+                "may_starve": may_starve,
+                "alive_at": alive_at,
             },
         )
         return None if row is None else claim_of(row)
 
-    async def renew(self, held: dict[str, int]) -> set[str]:
-        """Extend the leases still held under these tokens; the names renewed."""
-        if not held:
-            return set()
-        rows = await self.db.fetch_all(
+    async def renew(
+        self, held: dict[str, int], known: Sequence[str], claim_deadline: float
+    ) -> Renewal:
+        """Extend the leases still held under these tokens and heartbeat, in one statement;
+        free a lease of this node older than ``claim_deadline`` that is not ``known``."""
+        row = await self.db.fetch_one(
             "renew_leases",
             {
                 "node": self.node,
                 "names": list(held),
                 "tokens": list(held.values()),
+                "known": list(known),
                 "lease_ttl": self.lease_ttl,
+                "claim_deadline": claim_deadline,
             },
         )
-        return {str(row["name"]) for row in rows}
+        assert row is not None  # an aggregate query: always one row
+        return Renewal(row["now"], {str(name) for name in row["renewed"]}, int(row["released"]))
 
-    async def finish(self, job: str, token: int, status: str, error: str | None) -> str | None:
+    async def finish(
+        self, job: str, token: int, status: str, error: str | None, work_done: bool = False
+    ) -> str | None:
         """Record the run of ``token`` and release the job; the status written, if any."""
         row = await self.db.fetch_one(
             "finish_run",
-            {"node": self.node, "job": job, "token": token, "status": status, "error": error},
+            {
+                "node": self.node,
+                "job": job,
+                "token": token,
+                "status": status,
+                "error": error,
+                "work_done": work_done,
+            },
         )
         return None if row is None else str(row["status"])
 

@@ -2,9 +2,6 @@
 -- Loaded by name through balancectl.queries; parameters use psycopg's %(name)s style.
 -- Time is always the database's now(), never a node's clock.
 
--- name: ping
-SELECT 1 AS ok
-
 -- name: database_now
 SELECT now() AS now
 
@@ -104,9 +101,9 @@ SELECT user_id, amount, status_code, response
 FROM idempotency_keys WHERE key = %(key)s
 
 -- name: prune_idempotency_keys
+-- Run inside the job's fenced transaction (``JobContext.execute``).
 DELETE FROM idempotency_keys
 WHERE created_at < now() - make_interval(secs => %(retention_seconds)s)
-
 -- name: audit_ledger
 -- Users whose balance differs from the sum of their ledger.
 SELECT u.id AS user_id, u.balance, coalesce(l.total, 0) AS ledger_total
@@ -142,12 +139,21 @@ WHERE last_seen_at < now() - make_interval(secs => %(retention_seconds)s)
     WHERE name = %(job)s AND token = %(token)s AND lease_expires_at > now()
 )
 
--- name: lease_valid
-SELECT EXISTS (
-    SELECT 1 FROM jobs
-    WHERE name = %(job)s AND token = %(token)s AND lease_expires_at > now()
-) AS valid
-
+-- name: fence_job
+-- The fence of a job's writes: the first statement of every transaction a job
+-- opens through its JobContext. It locks the job row FOR KEY SHARE while the
+-- lease is still this run's; the claim's FOR UPDATE SKIP LOCKED (and the sweep
+-- of expired leases) skip a locked row, so no other node can take the job until
+-- this transaction commits or rolls back. The renewal's UPDATE (no key column)
+-- does not conflict. A client that stalls inside the transaction loses it after
+-- idle_timeout ms (set for this transaction only; works through PgBouncer).
+WITH limits AS (
+    SELECT set_config('idle_in_transaction_session_timeout', %(idle_timeout)s, true) AS set
+)
+SELECT j.token
+FROM jobs j, limits
+WHERE j.name = %(job)s AND j.token = %(token)s AND j.lease_expires_at > now()
+FOR KEY SHARE OF j
 -- name: register_node
 INSERT INTO nodes (id, host, pid, started_at, last_seen_at, stopped_at)
 VALUES (%(node)s, %(host)s, %(pid)s, now(), now(), NULL)
@@ -156,33 +162,47 @@ SET host = EXCLUDED.host, pid = EXCLUDED.pid, started_at = now(),
     last_seen_at = now(), stopped_at = NULL
 RETURNING started_at
 
--- name: touch_node
-UPDATE nodes SET last_seen_at = now() WHERE id = %(node)s AND stopped_at IS NULL
-
 -- name: stop_node
 UPDATE nodes SET stopped_at = now(), last_seen_at = now() WHERE id = %(node)s
 
--- name: register_job
--- A node's jobs file adds or updates a job's definition; never its lease.
+-- name: register_jobs
+-- A node's jobs file adds or updates the jobs' definitions, never their leases:
+-- one statement, so no lock outlives it.
 INSERT INTO jobs (name, function, interval_seconds, min_duration_seconds, next_run_at)
-VALUES (%(name)s, %(function)s, %(interval_seconds)s, %(min_duration_seconds)s, now())
+SELECT name, function, interval_seconds, min_duration_seconds, now()
+FROM unnest(%(names)s::text[], %(functions)s::text[], %(intervals)s::float8[],
+            %(min_durations)s::float8[])
+     AS spec(name, function, interval_seconds, min_duration_seconds)
+ORDER BY name
 ON CONFLICT (name) DO UPDATE
 SET function = EXCLUDED.function,
     interval_seconds = EXCLUDED.interval_seconds,
     min_duration_seconds = EXCLUDED.min_duration_seconds
-
+WHERE (jobs.function, jobs.interval_seconds, jobs.min_duration_seconds)
+      IS DISTINCT FROM (EXCLUDED.function, EXCLUDED.interval_seconds,
+                        EXCLUDED.min_duration_seconds)
 -- name: claim_job
 -- Claims at most one due job whose lease is free or expired. To spread evenly
 -- without any node knowing another, a node claims only while it runs no more
--- jobs than the least loaded live node, and only once no live node has joined
--- within the last `settle` seconds (so nodes started together all count before
--- anyone claims). A job that has waited past starve_after may be taken by any
--- node that has itself been up that long, so a stuck peer cannot starve it.
--- Increments the fencing token; records the expired claim's run as lost.
+-- jobs than the least loaded live node (the claiming node counts as live: it is
+-- asking), and only once no live node has joined within the last `settle`
+-- seconds (so nodes started together all count before anyone claims). After an
+-- outage the node itself waits `settle` before it claims (runner.py), and for a
+-- while counts as live every node that was live when it lost touch (`alive_at`:
+-- the database time of its last heartbeat before the gap), so a peer slower to
+-- reconnect still gets its share. A job that has waited past starve_after may
+-- be taken by any node that has itself been connected that long (`may_starve`,
+-- measured by the node on its monotonic clock), so a stuck peer cannot starve it;
+-- the wait counts from when the last join's settle window closed.
+-- Increments the fencing token; records the expired claim's run as lost. A row
+-- locked by a fenced write of the previous run is skipped until that commits;
+-- started_at is read after the lock, so it is later than that commit.
 WITH alive AS (
     SELECT id, started_at AS joined FROM nodes
     WHERE stopped_at IS NULL
-      AND last_seen_at > now() - make_interval(secs => %(lease_ttl)s)
+      AND (last_seen_at > least(now(), %(alive_at)s::timestamptz)
+                          - make_interval(secs => %(lease_ttl)s)
+           OR id = %(node)s)
 ), loads AS (
     SELECT a.id, count(j.name) AS running
     FROM alive a
@@ -202,48 +222,91 @@ WITH alive AS (
                             WHERE joined > now() - make_interval(secs => %(settle)s)))
            -- Waiting counts from when the job became claimable: for an expired lease,
            -- its expiry (next_run_at is then the due time before the lost run).
-           OR (greatest(next_run_at, lease_expires_at)
+           -- A join holds every node back for `settle`: that time does not count.
+           OR (greatest(next_run_at, lease_expires_at,
+                        (SELECT max(joined) FROM alive) + make_interval(secs => %(settle)s))
                    <= now() - make_interval(secs => %(starve_after)s)
-               AND EXISTS (SELECT 1 FROM nodes
-                           WHERE id = %(node)s
-                             AND started_at <= now() - make_interval(secs => %(starve_after)s))))
+               AND %(may_starve)s::boolean))
     ORDER BY next_run_at, name
     LIMIT 1
     FOR UPDATE SKIP LOCKED
 ), claimed AS (
     UPDATE jobs j
-    SET owner = %(node)s, token = j.token + 1, started_at = now(),
-        lease_expires_at = now() + make_interval(secs => %(lease_ttl)s)
+    SET owner = %(node)s, token = j.token + 1, started_at = clock_timestamp(),
+        lease_expires_at = clock_timestamp() + make_interval(secs => %(lease_ttl)s)
     FROM candidate c
     WHERE j.name = c.name
     RETURNING j.name, j.function, j.token, j.started_at, j.lease_expires_at,
               j.min_duration_seconds
+), expired AS (
+    -- Every other expired lease (a crash, a pause) is recorded lost and released
+    -- here too, so history shows it at once even when no node may claim the job.
+    SELECT name, owner, token, started_at, lease_expires_at FROM jobs
+    WHERE owner IS NOT NULL AND lease_expires_at <= now()
+      AND name NOT IN (SELECT name FROM candidate)
+    FOR UPDATE SKIP LOCKED
+), swept AS (
+    UPDATE jobs j
+    SET owner = NULL, lease_expires_at = NULL, next_run_at = e.lease_expires_at
+    FROM expired e
+    WHERE j.name = e.name
+    RETURNING j.name
 ), lost AS (
     INSERT INTO job_runs (job, node, token, started_at, finished_at, status, error)
-    SELECT c.name, c.owner, c.token, c.started_at, c.lease_expires_at, 'lost',
+    SELECT c.name, c.owner, c.token, c.started_at,
+           greatest(c.started_at, c.lease_expires_at), 'lost',
            'lease expired; taken over by ' || %(node)s
     FROM candidate c
     WHERE c.owner IS NOT NULL
+    UNION ALL
+    SELECT e.name, e.owner, e.token, e.started_at,
+           greatest(e.started_at, e.lease_expires_at), 'lost',
+           'lease expired; recorded by ' || %(node)s
+    FROM expired e
     ON CONFLICT (job, token) DO NOTHING
 )
 SELECT name, function, token, started_at, min_duration_seconds FROM claimed
-
 -- name: renew_leases
--- Extends only the leases this node still holds under the given tokens.
-UPDATE jobs j
-SET lease_expires_at = now() + make_interval(secs => %(lease_ttl)s)
-FROM unnest(%(names)s::text[], %(tokens)s::bigint[]) AS held(name, token)
-WHERE j.name = held.name AND j.token = held.token
-  AND j.owner = %(node)s AND j.lease_expires_at > now()
-RETURNING j.name
+-- One statement per renewal period: extends only the leases this node still holds
+-- under the given tokens, heartbeats the node, and returns the database's now()
+-- (the runner compares its progress with the monotonic clock: a forward step).
+-- A lease this node holds but does not know of (`known`: every run it has, renewed
+-- or not; a claim whose answer never arrived in time) is released without a history
+-- row, since it never ran; only once it is older than `claim_deadline`, after which
+-- the node drops any answer.
+WITH renewed AS (
+    UPDATE jobs j
+    SET lease_expires_at = now() + make_interval(secs => %(lease_ttl)s)
+    FROM unnest(%(names)s::text[], %(tokens)s::bigint[]) AS held(name, token)
+    WHERE j.name = held.name AND j.token = held.token
+      AND j.owner = %(node)s AND j.lease_expires_at > now()
+    RETURNING j.name
+), unknown AS (
+    UPDATE jobs j
+    SET owner = NULL, lease_expires_at = NULL
+    WHERE j.owner = %(node)s AND j.lease_expires_at > now()
+      AND NOT (j.name = ANY(%(known)s::text[]))
+      AND j.started_at <= now() - make_interval(secs => %(claim_deadline)s)
+    RETURNING j.name
+), heartbeat AS (
+    UPDATE nodes SET last_seen_at = now() WHERE id = %(node)s AND stopped_at IS NULL
+    RETURNING id
+)
+SELECT now() AS now, (SELECT count(*) FROM heartbeat) AS seen,
+       (SELECT count(*) FROM unknown) AS released,
+       coalesce((SELECT array_agg(name) FROM renewed), '{}') AS renewed
 
 -- name: finish_run
 -- Records a claim's run once and releases the job, only under its token.
--- A lease that already expired (or a run the node gave up as lost) is
--- recorded as lost, ending when its lease expired, so no runs overlap.
+-- A lease that already expired, or a run the node gave up (lost, timed_out,
+-- unresponsive, crashed), ends no later than now() and no earlier than its start,
+-- and the job is due no sooner than the lease's expiry, so no runs overlap (a lost
+-- run is due again then; one that misbehaved keeps its interval). A run cancelled
+-- after its work was done (waiting out min_duration) keeps its interval too.
 WITH held AS (
     SELECT name, token, started_at, lease_expires_at, interval_seconds,
-           (lease_expires_at <= now() OR %(status)s = 'lost') AS lost
+           (lease_expires_at <= now()) AS expired,
+           %(status)s IN ('lost', 'timed_out', 'unresponsive', 'crashed') AS gave_up
     FROM jobs
     WHERE name = %(job)s AND token = %(token)s AND owner = %(node)s
     FOR UPDATE
@@ -251,8 +314,10 @@ WITH held AS (
     UPDATE jobs j
     SET owner = NULL, lease_expires_at = NULL,
         next_run_at = CASE
-            WHEN h.lost THEN h.lease_expires_at
-            WHEN %(status)s = 'cancelled' THEN now()
+            WHEN h.expired OR %(status)s = 'lost' THEN greatest(h.lease_expires_at, now())
+            WHEN h.gave_up THEN greatest(h.started_at + make_interval(secs => h.interval_seconds),
+                                         h.lease_expires_at, now())
+            WHEN %(status)s = 'cancelled' AND NOT %(work_done)s THEN now()
             ELSE greatest(h.started_at + make_interval(secs => h.interval_seconds), now())
         END
     FROM held h
@@ -261,13 +326,13 @@ WITH held AS (
 )
 INSERT INTO job_runs (job, node, token, started_at, finished_at, status, error)
 SELECT h.name, %(node)s, h.token, h.started_at,
-       CASE WHEN h.lost THEN h.lease_expires_at ELSE now() END,
-       CASE WHEN h.lost THEN 'lost' ELSE %(status)s END,
-       CASE WHEN h.lost THEN coalesce(%(error)s, 'lease expired') ELSE %(error)s END
+       greatest(h.started_at, least(h.lease_expires_at, now())),
+       CASE WHEN h.expired AND NOT h.gave_up THEN 'lost' ELSE %(status)s END,
+       CASE WHEN h.expired AND NOT h.gave_up THEN coalesce(%(error)s, 'lease expired')
+            ELSE %(error)s END
 FROM held h
 ON CONFLICT (job, token) DO NOTHING
 RETURNING id, status
-
 -- name: list_jobs
 SELECT now() AS now, j.name, j.function, j.interval_seconds,
        (j.owner IS NOT NULL AND j.lease_expires_at > now()) AS running,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from balancectl.loadtest import LoadtestConfig, LoadtestReport, run_loadtest
+from balancectl.toolkit.loadtest import LoadtestConfig, LoadtestReport, run_loadtest
 from tests.conftest import sql
 from tests.ledger import assert_ledger_adds_up, balance_in_database
 from tests.processes import ClusterFactory, http_json

@@ -26,8 +26,8 @@ import psycopg
 import pytest
 from psycopg.rows import TupleRow
 
-from balancectl.cluster import Node
-from balancectl.loadtest import LoadtestConfig, LoadtestReport, run_loadtest
+from balancectl.toolkit.cluster import NodeProcess
+from balancectl.toolkit.loadtest import LoadtestConfig, LoadtestReport, run_loadtest
 from tests.conftest import sql
 from tests.ledger import assert_ledger_adds_up, balance_in_database
 from tests.processes import ClusterFactory, http_json
@@ -60,7 +60,7 @@ def debit_count(connection: psycopg.Connection[TupleRow]) -> int:
     return int(row[0])
 
 
-def kill_mid_burst(url: str, victim: Node, kill: Kill, timeout: float = 120.0) -> None:
+def kill_mid_burst(url: str, victim: NodeProcess, kill: Kill, timeout: float = 120.0) -> None:
     """SIGKILL ``victim`` once ``KILL_AFTER_DEBITS`` debits are in the ledger."""
     deadline = time.monotonic() + timeout
     first: float | None = None
@@ -78,7 +78,7 @@ def kill_mid_burst(url: str, victim: Node, kill: Kill, timeout: float = 120.0) -
 
 
 async def burst_with_kill(
-    cluster_urls: list[str], victim: Node, database_url: str, idempotent: bool
+    cluster_urls: list[str], victim: NodeProcess, database_url: str, idempotent: bool
 ) -> tuple[LoadtestReport, Kill]:
     config = LoadtestConfig(
         urls=tuple(cluster_urls),
@@ -113,7 +113,7 @@ async def burst_with_kill(
     return report, kill
 
 
-def answered_503(urls: list[str], victim: Node) -> int:
+def answered_503(urls: list[str], victim: NodeProcess) -> int:
     """503s the surviving nodes answered on the balance route (from ``/metrics``)."""
     total = 0
     for url in urls:
@@ -136,7 +136,9 @@ def ledger_debits(url: str) -> list[tuple[int, str | None]]:
     return [(int(amount), key) for amount, key in rows]
 
 
-def assert_every_node_but_the_victim_reads(urls: list[str], victim: Node, balance: int) -> None:
+def assert_every_node_but_the_victim_reads(
+    urls: list[str], victim: NodeProcess, balance: int
+) -> None:
     for url in urls:
         if url != victim.url:
             assert http_json(f"{url}/users/1") == (200, {"userId": 1, "balance": balance})

@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from balancectl.cluster import LocalCluster, Node
-from balancectl.loadtest import LoadtestConfig, run_loadtest
+from balancectl.toolkit.cluster import LocalCluster, NodeProcess
+from balancectl.toolkit.loadtest import LoadtestConfig, run_loadtest
 from tests.conftest import sql
 from tests.integration.test_scheduler_history import (
     POLL,
@@ -47,12 +47,12 @@ SLACK = 2.0  # claim latency, an HTTP poll and a busy 2-core machine
 REQUESTS, AMOUNT, START = 10000, 2, 10000
 
 
-def all_running(observer: Node) -> dict[str, dict[str, Any]] | None:
+def all_running(observer: NodeProcess) -> dict[str, dict[str, Any]] | None:
     listing = jobs_listing(observer)
     return listing if all(job["state"] == "running" for job in listing.values()) else None
 
 
-def per_node(cluster: LocalCluster, observer: Node) -> dict[str, int]:
+def per_node(cluster: LocalCluster, observer: NodeProcess) -> dict[str, int]:
     """How many jobs each live node runs, as ``GET /jobs`` on ``observer`` shows."""
     listing = wait_for("every job to run", lambda: all_running(observer), timeout=30)
     counts = Counter(str(job["node"]) for job in listing.values())

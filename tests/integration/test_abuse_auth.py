@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from balancectl.api import guards
+from balancectl.api import auth
 from balancectl.errors import Unauthorized
 from tests.conftest import free_port, sql
 from tests.processes import ClusterFactory
@@ -163,17 +163,17 @@ async def test_the_token_is_compared_in_constant_time(
     monkeypatch: pytest.MonkeyPatch, given: str, allowed: bool
 ) -> None:
     spy = Spy()
-    monkeypatch.setattr(hmac, "compare_digest", spy)  # guards.py looks it up at each call
+    monkeypatch.setattr(hmac, "compare_digest", spy)  # auth.py looks it up at each call
     connection = SimpleNamespace(
         app=SimpleNamespace(state=SimpleNamespace(api_token="s3cret")),
         headers={"authorization": given} if given else {},
     )
 
     if allowed:
-        await guards.require_token(cast(Any, connection), cast(Any, None))
+        await auth.require_token(cast(Any, connection), cast(Any, None))
     else:
         with pytest.raises(Unauthorized):
-            await guards.require_token(cast(Any, connection), cast(Any, None))
+            await auth.require_token(cast(Any, connection), cast(Any, None))
     assert spy.calls == [(given.encode(), b"Bearer s3cret")]  # one call, on the whole header
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
-from balancectl.queries import all_queries
+from balancectl.sql.loader import all_queries
 from tests.conftest import sql
 from tests.processes import ClusterFactory
 

@@ -9,7 +9,7 @@
 - An idle keep-alive connection is closed after uvicorn's ``timeout_keep_alive`` (30 s).
 
 uvicorn (httptools) itself arms no timer before a request's headers are complete and sets
-no bound on their size; balancectl.http_guard adds both (10 s, 16 KiB), and the tests
+no bound on their size; balancectl.api.http_limits adds both (10 s, 16 KiB), and the tests
 below hold the node to them: a silent or trickling client is cut off, megabytes of
 headers are refused.
 """
@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from balancectl.cluster import LocalCluster
+from balancectl.toolkit.cluster import LocalCluster
 from tests.conftest import RUN_PREFIX, create_database, drop_database, free_port, sql
 
 PROBLEM_JSON = "application/problem+json"
@@ -189,7 +189,7 @@ def test_malformed_http_is_refused_and_the_connection_closed(node: Node, raw: by
         answer = read_answer(sock, time.monotonic())
         closed = sock.recv(1) == b""
 
-    # Refused by uvicorn's parser, before the app: still a problem document (http_guard).
+    # Refused by uvicorn's parser, before the app: still a problem document (http_limits).
     assert_problem(answer, 400, "bad-request")
     assert closed and answer.headers.get("connection") == "close"
     assert balance_and_ledger(node) == before

@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from balancectl.cluster import LocalCluster
 from balancectl.migrations import head_revision
+from balancectl.toolkit.cluster import LocalCluster
 from tests.conftest import RUN_PREFIX, create_database, drop_database, free_port, sql
 from tests.processes import ClusterFactory
 

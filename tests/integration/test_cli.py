@@ -117,7 +117,7 @@ def test_up_starts_nodes_and_stops_them_on_sigterm(database_url: str, tmp_path: 
         nodes = sql(database_url, "SELECT id FROM nodes WHERE stopped_at IS NULL ORDER BY id")
         assert nodes == [("node-1",), ("node-2",)]
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0
+        assert process.wait(timeout=60) == 143  # 128 + SIGTERM, after stopping both nodes
     finally:
         if process.poll() is None:
             process.kill()

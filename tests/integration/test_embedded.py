@@ -11,14 +11,14 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from balancectl.embedded import embedded_database_url, stop_embedded
 from balancectl.errors import ConfigError
 from balancectl.migrations import upgrade
+from balancectl.toolkit.embedded import embedded_database_url, stop_embedded
 from tests.conftest import sql, url_for_database
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PRINT_URL = (
-    "import sys, pathlib; from balancectl.embedded import embedded_database_url; "
+    "import sys, pathlib; from balancectl.toolkit.embedded import embedded_database_url; "
     "print(embedded_database_url(pathlib.Path(sys.argv[1])))"
 )
 

@@ -30,9 +30,9 @@ from typing import Any
 
 import pytest
 
-from balancectl.cluster import LocalCluster, Node, ready
-from balancectl.embedded import embedded_database_url, stop_embedded
 from balancectl.migrations import upgrade
+from balancectl.toolkit.cluster import LocalCluster, NodeProcess, ready
+from balancectl.toolkit.embedded import embedded_database_url, stop_embedded
 from tests.conftest import sql
 from tests.integration.test_scheduler_history import (
     assert_no_overlap,
@@ -179,7 +179,7 @@ def restarted_at(url: str) -> datetime:
     return started
 
 
-def just_started(node: Node) -> bool:
+def just_started(node: NodeProcess) -> bool:
     """The job runs, and has more than 2.5 s to go: the outage will catch this very run."""
     job = jobs_listing(node)[JOB]
     return bool(job["state"] == "running" and job["elapsed_seconds"] < 1.5)

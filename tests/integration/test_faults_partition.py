@@ -1,6 +1,6 @@
 """A node cut off from PostgreSQL while it holds a job, with real processes.
 
-Node A reaches PostgreSQL through a ``TcpProxy``, node B directly. A runs the only job
+NodeProcess A reaches PostgreSQL through a ``TcpProxy``, node B directly. A runs the only job
 (lease TTL 3 s); then the proxy cuts A's link, either like a firewall REJECT (every
 connection reset, new ones refused) or like a DROP rule (nothing delivered, nothing
 refused: the bytes wait in the proxy until the link returns, as TCP would retransmit
@@ -35,7 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from balancectl.cluster import Node, node_command, pump, ready
+from balancectl.toolkit.cluster import NodeProcess, node_command, pump, ready
 from tests.conftest import free_port, sql
 from tests.faults import TcpProxy, proxied
 from tests.integration.test_scheduler_history import (
@@ -57,16 +57,16 @@ AMOUNT = -7
 # wait is cut to 1 s once the node knows the database fails. DROP: the statement deadline
 # (10 s) + 1 s (a bounded cancel attempt, then the connection is cut; issue 7).
 ANSWER_WITHIN = {"reject": 3.0, "drop": 10.0 + 1.0}
-Spawn = Callable[[str, str, Sequence[str]], Node]
+Spawn = Callable[[str, str, Sequence[str]], NodeProcess]
 
 
 @pytest.fixture
 def spawn(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Spawn]:
     """Start ``balancectl serve`` with a given node id and database URL; stop all after."""
     log = (tmp_path / "nodes.log").open("w")
-    nodes: list[Node] = []
+    nodes: list[NodeProcess] = []
 
-    def start(node_id: str, database_url: str, args: Sequence[str]) -> Node:
+    def start(node_id: str, database_url: str, args: Sequence[str]) -> NodeProcess:
         port = free_port()
         process = subprocess.Popen(
             node_command(node_id, port, args),
@@ -75,7 +75,7 @@ def spawn(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Spawn]:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
-        node = Node(node_id, port, process)
+        node = NodeProcess(node_id, port, process)
         assert process.stdout is not None
         node.pump = threading.Thread(
             target=pump, args=(process.stdout, f"[{node_id}]", log), daemon=True
@@ -151,7 +151,7 @@ def post_debit(url: str, key: str, timeout: float = 60.0) -> tuple[int, str, Any
     return status, headers.get("Content-Type", ""), json.loads(raw), time.monotonic() - began
 
 
-def watch_cut(log: Path, a: Node, b: Node, cut: float) -> tuple[float, float, str]:
+def watch_cut(log: Path, a: NodeProcess, b: NodeProcess, cut: float) -> tuple[float, float, str]:
     """Seconds after the cut when A's watchdog line appeared and B ran the job; the line."""
     stopped: float | None = None
     taken: float | None = None
@@ -174,7 +174,7 @@ def timed_get(url: str) -> tuple[int, float]:
     return status, time.monotonic() - began
 
 
-def answers_while_cut(a: Node, key: str, mode: str) -> None:
+def answers_while_cut(a: NodeProcess, key: str, mode: str) -> None:
     """A keyed POST and /readyz on A, at the same time (each may wait out a deadline)."""
     with ThreadPoolExecutor(max_workers=2) as pool:
         posted = pool.submit(post_debit, a.url, key)
@@ -190,7 +190,7 @@ def answers_while_cut(a: Node, key: str, mode: str) -> None:
     assert ready_status == 503 and ready_seconds < ANSWER_WITHIN[mode]
 
 
-def recovers(a: Node, restored: float) -> float:
+def recovers(a: NodeProcess, restored: float) -> float:
     wait_for("node-a ready again", lambda: ready(a.url), timeout=60)
     return time.monotonic() - restored
 

@@ -16,7 +16,7 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-from balancectl.cluster import Node
+from balancectl.toolkit.cluster import NodeProcess
 from tests.conftest import sql
 from tests.integration.test_scheduler_history import (
     POLL,
@@ -62,7 +62,7 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def workers_of(node: Node) -> set[int]:
+def workers_of(node: NodeProcess) -> set[int]:
     """The node's worker processes: its children running the balancectl worker."""
     return {
         pid

@@ -1,6 +1,6 @@
 """No row lock outlives a stalled node (issue 7, "No lock outlives a stall").
 
-Node A serves a stream of keyed debits of user 1, one at a time or four at once; then A
+NodeProcess A serves a stream of keyed debits of user 1, one at a time or four at once; then A
 is paused with SIGSTOP, or its link to PostgreSQL is cut like a DROP rule, at a moment
 when one of its sessions sits ``idle in transaction`` (while the keyed path is a
 transaction of several round trips, which holds the user's row lock between them). A
@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 
-from balancectl.cluster import Node
+from balancectl.toolkit.cluster import NodeProcess
 from tests.conftest import sql
 from tests.faults import TcpProxy, proxied
 from tests.integration.test_faults_partition import Spawn, spawn, through
@@ -108,7 +108,7 @@ def stall_with_lock_held(
     return False
 
 
-def change_on_b(b: Node, trial: int) -> tuple[int, float]:
+def change_on_b(b: NodeProcess, trial: int) -> tuple[int, float]:
     """A debit of user 1 on B, keyed on odd trials: its status and seconds to the answer."""
     headers = {"Idempotency-Key": f"b-{trial}-{uuid.uuid4()}"} if trial % 2 else {}
     began = time.monotonic()
@@ -129,7 +129,7 @@ def assert_ledger_explains_balance(database_url: str) -> None:
 def run_trials(
     database_url: str,
     a_url: str,
-    b: Node,
+    b: NodeProcess,
     streams: int,
     stall: Callable[[], None],
     resume: Callable[[], None],

@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from balancectl.cluster import LocalCluster, Node
+from balancectl.toolkit.cluster import LocalCluster, NodeProcess
 from tests.conftest import sql
 from tests.faults import proxied
 from tests.integration.test_scheduler_history import (
@@ -31,15 +31,18 @@ from tests.integration.test_scheduler_history import (
 from tests.processes import ClusterFactory, http_json, node_args
 
 TTL = 3.0
+BUSY = "tests.jobs:busy"
 # Claim latency, an HTTP poll and a busy 2-core machine; on top of TTL + poll interval.
 SLACK = 2.0
 
 
-def survivor(cluster: LocalCluster, gone: Node) -> Node:
+def survivor(cluster: LocalCluster, gone: NodeProcess) -> NodeProcess:
     return next(node for node in cluster.members if node is not gone)
 
 
-def wait_taken_over(observer: Node, job: str, gone: str, since: float, timeout: float) -> str:
+def wait_taken_over(
+    observer: NodeProcess, job: str, gone: str, since: float, timeout: float
+) -> str:
     """Wait until ``job`` runs on a node other than ``gone``; print and return the taker."""
     taker = wait_for(
         f"{job} to run on a node other than {gone}",
@@ -146,10 +149,12 @@ def test_sigstop_past_the_ttl_the_paused_node_gives_up_and_writes_nothing(
 def test_sigterm_cancels_the_runs_and_another_node_takes_them_at_once(
     cluster_factory: ClusterFactory, database_url: str, tmp_path: Path
 ) -> None:
-    # A long TTL: a takeover well under it can only come from the released lease.
+    # A long TTL: a takeover well under it can only come from the released lease. The
+    # jobs are busy with their work when cancelled (not waiting out min_duration), so
+    # they are due again at once.
     ttl = 10.0
     names = ["alpha", "beta", "gamma"]
-    jobs = write_jobs(tmp_path / "jobs.toml", names, min_duration="8s")
+    jobs = write_jobs(tmp_path / "jobs.toml", names, min_duration="8s", function=BUSY)
     cluster = cluster_factory(3, *node_args(jobs_file=jobs, lease_ttl=ttl, poll=POLL))
     leaving = node_running(cluster, "alpha")
     observer = survivor(cluster, leaving)

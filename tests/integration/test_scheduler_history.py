@@ -19,7 +19,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, TypeVar
 
-from balancectl.cluster import LocalCluster, Node
+from balancectl.toolkit.cluster import LocalCluster, NodeProcess
 from tests.processes import ClusterFactory, http_json, node_args
 
 T = TypeVar("T")
@@ -31,12 +31,18 @@ POLL = 0.2
 
 
 def write_jobs(
-    path: Path, names: Iterable[str], min_duration: str = "6s", interval: str = "30s"
+    path: Path,
+    names: Iterable[str],
+    min_duration: str = "6s",
+    interval: str = "30s",
+    function: str = IDLE,
+    max_duration: str | None = None,
 ) -> Path:
-    """A jobs file of ``idle`` jobs that each last ``min_duration``."""
+    """A jobs file of ``idle`` (or ``function``) jobs that each last ``min_duration``."""
+    longest = "" if max_duration is None else f'max_duration = "{max_duration}"\n'
     tables = [
-        f'[[jobs]]\nname = "{name}"\nfunction = "{IDLE}"\n'
-        f'interval = "{interval}"\nmin_duration = "{min_duration}"\n'
+        f'[[jobs]]\nname = "{name}"\nfunction = "{function}"\n'
+        f'interval = "{interval}"\nmin_duration = "{min_duration}"\n{longest}'
         for name in names
     ]
     path.write_text("\n".join(tables))
@@ -55,14 +61,14 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float, every: fl
         time.sleep(every)
 
 
-def jobs_listing(node: Node) -> dict[str, dict[str, Any]]:
+def jobs_listing(node: NodeProcess) -> dict[str, dict[str, Any]]:
     """``GET /jobs`` of one node, by job name."""
     status, body = http_json(f"{node.url}/jobs")
     assert status == 200, body
     return {job["name"]: job for job in body["jobs"]}
 
 
-def running(node: Node) -> dict[str, str]:
+def running(node: NodeProcess) -> dict[str, str]:
     """The running jobs as ``GET /jobs`` on ``node`` shows them: job name -> node id."""
     return {
         name: job["node"] for name, job in jobs_listing(node).items() if job["state"] == "running"
@@ -82,7 +88,7 @@ class Run:
     error: str | None
 
 
-def history(asked: Node, **filters: object) -> list[Run]:
+def history(asked: NodeProcess, **filters: object) -> list[Run]:
     """``GET /jobs/history`` of node ``asked`` with the given filters (newest first)."""
     query = "&".join(f"{key}={value}" for key, value in {"limit": 1000, **filters}.items())
     status, body = http_json(f"{asked.url}/jobs/history?{query}")
@@ -149,7 +155,7 @@ def assert_job_document(job: dict[str, Any]) -> None:
         assert job["next_run_at"] is not None, job
 
 
-def assert_last_runs_match_history(node: Node, listing: dict[str, dict[str, Any]]) -> None:
+def assert_last_runs_match_history(node: NodeProcess, listing: dict[str, dict[str, Any]]) -> None:
     runs = history(node)
     for name, job in listing.items():
         newest = next((run for run in runs if run.job == name), None)
@@ -162,7 +168,7 @@ def assert_last_runs_match_history(node: Node, listing: dict[str, dict[str, Any]
             assert datetime.fromisoformat(job["started_at"]) > newest.finished_at, (job, newest)
 
 
-def node_running(cluster: LocalCluster, job: str) -> Node:
+def node_running(cluster: LocalCluster, job: str) -> NodeProcess:
     """The node that runs ``job`` (waiting for it to run), as ``GET /jobs`` says."""
     owner = wait_for(f"{job} to run", lambda: running(cluster.members[0]).get(job), timeout=30)
     return cluster.node(owner)

@@ -9,7 +9,7 @@ from rich.console import Console
 
 from balancectl.config import NodeSettings, SchedulerSettings
 from balancectl.errors import ConfigError
-from balancectl.jobs_view import build_jobs_table, build_spread_table, seconds_text
+from balancectl.toolkit.jobs_view import build_jobs_table, build_spread_table, seconds_text
 
 URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 

@@ -215,3 +215,17 @@ def test_the_default_file_ships_at_least_five_jobs_of_two_minutes() -> None:
         assert spec.min_duration >= 120.0, spec.name
         assert spec.interval > 0, spec.name
         assert spec.function.startswith("balancectl.jobs.builtin:"), spec.name
+
+
+def test_max_duration_defaults_to_an_hour_and_is_read() -> None:
+    [default] = parse_jobs(job(), "jobs.toml")
+    [given] = parse_jobs(job(max_duration='"10m"'), "jobs.toml")
+    [long] = parse_jobs(job(min_duration='"2h"'), "jobs.toml")
+    assert (default.max_duration, given.max_duration) == (3600.0, 600.0)
+    assert long.max_duration == 3 * 3600.0  # an hour past a minimum that is itself longer
+
+
+@pytest.mark.parametrize("value", ['"2m"', '"90s"', "0"])
+def test_max_duration_must_be_longer_than_min_duration(value: str) -> None:
+    message = error_of(job("audit", min_duration='"2m"', max_duration=value))
+    assert "job 'audit'" in message and "'max_duration'" in message

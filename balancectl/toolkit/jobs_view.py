@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import urllib.error
 import urllib.request
 from datetime import datetime
 from typing import Any
 
 from rich.table import Table
 from rich.text import Text
+
+from balancectl.errors import ConfigError
 
 STATE_STYLE = {"running": "bold green", "waiting": "yellow"}
 RESULT_STYLE = {"succeeded": "green", "failed": "red", "lost": "magenta", "cancelled": "dim"}
@@ -70,7 +74,26 @@ def build_spread_table(document: dict[str, Any]) -> Table:
 
 
 def fetch_jobs(url: str, timeout: float = 5.0) -> dict[str, Any]:
-    """``GET /jobs`` of one node."""
-    with urllib.request.urlopen(f"{url.rstrip('/')}/jobs", timeout=timeout) as response:
-        document: dict[str, Any] = json.load(response)
+    """``GET /jobs`` of one node; ``ConfigError`` (one line) when it cannot be had."""
+    base = url.rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise ConfigError(f"--url must start with http:// or https:// (got {url!r})")
+    try:
+        document: dict[str, Any] = json.loads(_get(f"{base}/jobs", timeout))
+    except ValueError as error:
+        raise ConfigError(f"{base}/jobs did not answer JSON: is it a balancectl node?") from error
     return document
+
+
+def _get(url: str, timeout: float) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            body: bytes = response.read()
+    except urllib.error.HTTPError as error:
+        raise ConfigError(f"{url} answered HTTP {error.code}: is it a balancectl node?") from error
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
+        reason = getattr(error, "reason", error)
+        raise ConfigError(f"cannot reach the node at {url}: {reason}") from error
+    except ValueError as error:  # urllib refuses the URL itself
+        raise ConfigError(f"--url is not a valid URL: {url!r} ({error})") from error
+    return body

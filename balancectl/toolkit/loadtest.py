@@ -23,8 +23,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from balancectl.errors import ConfigError
-from balancectl.limits import raise_open_files_limit
+from balancectl.errors import PROBLEM_TYPE_PREFIX, ConfigError
+from balancectl.open_files import raise_open_files_limit
 
 __all__ = [
     "Burst",
@@ -40,12 +40,11 @@ __all__ = [
     "fire_burst",
     "judge",
     "percentile",
-    "raise_open_files_limit",
     "report_json",
     "run_loadtest",
 ]
 
-PROBLEM_PREFIX = "urn:balancectl:problem:"
+PROBLEM_PREFIX = PROBLEM_TYPE_PREFIX
 INSUFFICIENT_FUNDS_TYPE = PROBLEM_PREFIX + "insufficient-funds"
 OK = "ok"
 INSUFFICIENT = "insufficient"
