@@ -95,7 +95,11 @@ class NodesDocument(msgspec.Struct):
 
 # --- the dashboard's document (``GET /dashboard``) ----------------------------------------
 
-TimelineStatus = Literal["succeeded", "failed", "lost", "cancelled", "running", "expired"]
+# What history may hold (see migration 0004), and the two states of a claim in progress.
+RunStatus = Literal[
+    "succeeded", "failed", "lost", "cancelled", "timed_out", "unresponsive", "crashed"
+]
+TimelineStatus = RunStatus | Literal["running", "expired"]
 
 
 class RunCounts(msgspec.Struct):
@@ -105,6 +109,9 @@ class RunCounts(msgspec.Struct):
     failed: int
     lost: int
     cancelled: int
+    timed_out: int
+    unresponsive: int
+    crashed: int
 
 
 class DashboardJob(msgspec.Struct):

@@ -15,7 +15,8 @@ from balancectl.scheduler import listing
 
 AUDIT_FUNCTION = "balancectl.jobs.builtin:ledger_audit"
 TIMELINE_LIMIT = 2000  # finished runs drawn at most; the document says when more were left off
-STATUSES = ("succeeded", "failed", "lost", "cancelled")
+# Every status history may hold (job_runs_status); a count of 0 is listed too.
+STATUSES = ("succeeded", "failed", "lost", "cancelled", "timed_out", "unresponsive", "crashed")
 
 
 async def dashboard_document(

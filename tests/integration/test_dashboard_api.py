@@ -36,6 +36,7 @@ from tests.processes import ClusterFactory, http_json, node_args
 
 ROOT = Path(__file__).resolve().parents[2]
 STATIC = ("index.html", "dashboard.css", "dashboard.js")
+GIVEN_UP = ("timed_out", "unresponsive", "crashed")
 
 
 def dashboard(url: str, minutes: int | None = None) -> dict[str, Any]:
@@ -77,7 +78,7 @@ def test_document_agrees_with_the_listing_on_every_node(
     for job in document["jobs"]:
         assert job["state"] == listing[job["name"]]["state"] == "running", job
         assert job["node"] == listing[job["name"]]["node"], job
-        assert job["last_hour"] == {"succeeded": 0, "failed": 0, "lost": 0, "cancelled": 0}
+        assert set(job["last_hour"].values()) == {0}, job
     assert [job["name"] for job in document["jobs"]] == names
     nodes = {node["id"]: node for node in document["nodes"]}
     assert set(nodes) == {"node-1", "node-2"} and all(n["alive"] for n in nodes.values())
@@ -136,8 +137,8 @@ def test_counts_timeline_and_money_come_from_the_database(
     wide = dashboard(url, minutes=45)
 
     jobs = {job["name"]: job for job in document["jobs"]}
-    assert jobs["audit"]["last_hour"] == {"succeeded": 2, "failed": 1, "lost": 0, "cancelled": 0}
-    assert jobs["sweep"]["last_hour"] == {"succeeded": 0, "failed": 0, "lost": 2, "cancelled": 1}
+    assert nonzero(jobs["audit"]["last_hour"]) == {"succeeded": 2, "failed": 1}
+    assert nonzero(jobs["sweep"]["last_hour"]) == {"lost": 2, "cancelled": 1}
     assert (jobs["audit"]["state"], jobs["audit"]["node"]) == ("running", "node-a")
     assert jobs["sweep"]["state"] == "waiting"  # its lease ran out: nobody holds it
     bars = sorted((r["job"], r["token"], r["status"], r["finished_at"] is None)
@@ -174,6 +175,11 @@ def test_counts_timeline_and_money_come_from_the_database(
         "10000",
         False,
     )
+
+
+def nonzero(counts: dict[str, int]) -> dict[str, int]:
+    assert len(counts) == 7, counts  # every status history may hold, 0 included
+    return {status: count for status, count in counts.items() if count}
 
 
 def test_minutes_out_of_range_is_a_problem(cluster_factory: ClusterFactory) -> None:
@@ -260,3 +266,27 @@ def test_a_cut_database_link_is_a_503_problem_not_a_hang(
             assert body["type"] == "urn:balancectl:problem:unavailable", body
             proxy.restore()
             wait_for("the dashboard again", lambda: http_json(f"{url}/dashboard")[0] == 200, 30)
+
+
+def test_every_status_history_may_hold_is_counted_and_drawn(
+    cluster_factory: ClusterFactory, database_url: str
+) -> None:
+    """The statuses of runs the scheduler gave up (migration 0004) too, never a 500."""
+    sql(
+        database_url,
+        "INSERT INTO jobs (name, function, interval_seconds, min_duration_seconds, next_run_at)"
+        " VALUES ('stuck', 'x:y', 60, 0, now())",
+    )
+    for token, status in enumerate(GIVEN_UP, start=1):
+        insert_run(database_url, "stuck", "node-a", token, f"{token + 1} min", f"{token} min",
+                   status, "gave up")  # fmt: skip
+    url = cluster_factory(1, "--no-scheduler").urls[0]
+
+    document = dashboard(url)
+
+    (job,) = document["jobs"]
+    assert job["last_hour"] == {
+        "succeeded": 0, "failed": 0, "lost": 0, "cancelled": 0,
+        "timed_out": 1, "unresponsive": 1, "crashed": 1,
+    }  # fmt: skip
+    assert sorted(run["status"] for run in document["timeline"]) == sorted(GIVEN_UP)

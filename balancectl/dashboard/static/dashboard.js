@@ -9,7 +9,7 @@ const LANE_HEIGHT = 30;
 const TRACK_HEIGHT = 24; // one bar's height; a lane has as many tracks as runs at once
 const LANE_PADDING = 3;
 const AXIS_HEIGHT = 22;
-const STATUSES = ["succeeded", "failed", "lost", "cancelled"];
+const STATUSES = ["succeeded", "failed", "timed_out", "unresponsive", "crashed", "lost", "cancelled"];
 
 const view = {
   minutes: 15,
@@ -67,7 +67,7 @@ function ago(iso, now) {
   return `${duration(now - seconds(iso))} ago`;
 }
 
-function pill(kind, text = kind) {
+function pill(kind, text = kind.replace("_", " ")) {
   return el("span", { class: `pill ${kind}`, text });
 }
 
@@ -119,7 +119,10 @@ function lastRunCell(run) {
   return cell;
 }
 
-const COUNT_LABELS = { succeeded: "ok", failed: "failed", lost: "lost", cancelled: "cancelled" };
+const COUNT_LABELS = {
+  succeeded: "ok", failed: "failed", timed_out: "timed out", unresponsive: "unresponsive",
+  crashed: "crashed", lost: "lost", cancelled: "cancelled",
+};
 
 function countsCell(counts) {
   const box = el("span", { class: "counts" });
@@ -129,7 +132,7 @@ function countsCell(counts) {
     box.append(
       el("span", {
         class: `count ${status}`,
-        title: `${value} ${status} in the last hour`,
+        title: `${value} ${COUNT_LABELS[status]} in the last hour`,
         "data-status": status,
         text: `${value} ${COUNT_LABELS[status]}`,
       }),
