@@ -8,6 +8,9 @@ SELECT 1 AS ok
 -- name: database_now
 SELECT now() AS now
 
+-- name: max_connections
+SELECT current_setting('max_connections')::int AS max_connections
+
 -- name: schema_revision
 SELECT version_num FROM alembic_version
 

@@ -1,0 +1,155 @@
+"""A node that cannot open its connections says so in one line and exits 2; one that can
+open the ones it starts with serves, degraded, never half-working.
+
+A node holds up to ``W x ceil(P / W) + 3 scheduler + 2 jobs`` connections
+(docs/operations.md, "Connection arithmetic") and starts with the pools' minimum
+(``W x 2 + 1 + 1``). The tests run a private embedded PostgreSQL with
+``max_connections = 20`` (the shared server's settings are never touched), hold all but
+a few of its slots with connections of their own, as other nodes would, and start one
+``balancectl serve --workers 2`` beside them:
+
+- room for 2 connections: the node exits 2 with one ``balancectl:`` line naming the
+  arithmetic, the server's refusal and ``max_connections``; it never answers ``/readyz``
+  200 on the way, and leaves no process behind; with ``--no-scheduler`` too;
+- room for 8 (its start needs 6, its most 11): it starts, is ready and serves every
+  request.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from balancectl.migrations import upgrade
+from balancectl.toolkit.embedded import embedded_database_url, stop_embedded
+from tests.conftest import free_port, sql
+from tests.integration.test_scheduler_history import write_jobs
+from tests.processes import Launched, http_json
+
+pytestmark = pytest.mark.slow
+
+MAX_CONNECTIONS = 20
+REFUSAL_WITHIN = 60.0  # seconds: a refused start ends well inside this on a busy machine
+
+
+@pytest.fixture
+def small_server(tmp_path: Path) -> Iterator[str]:
+    """The URL of a private, migrated PostgreSQL with ``max_connections = 20``."""
+    pgdata = tmp_path / "pg"
+    try:
+        url = embedded_database_url(pgdata)
+        sql(url, f"ALTER SYSTEM SET max_connections = {MAX_CONNECTIONS}")
+        stop_embedded(pgdata)
+        assert embedded_database_url(pgdata) == url
+        assert sql(url, "SHOW max_connections") == [(str(MAX_CONNECTIONS),)]
+        upgrade(url)
+        yield url
+    finally:
+        stop_embedded(pgdata)
+
+
+def clients(url: str) -> int:
+    [(count,)] = sql(
+        url, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+    )
+    return int(count)
+
+
+@contextmanager
+def room_for(url: str, free: int) -> Iterator[None]:
+    """Hold connections until exactly ``free`` of the server's slots are left."""
+    with ExitStack() as held:
+        for _ in range(MAX_CONNECTIONS - clients(url) - free):
+            held.enter_context(psycopg.connect(url, autocommit=True))
+        assert clients(url) == MAX_CONNECTIONS - free
+        yield
+
+
+def readyz(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return None
+
+
+def start_node(url: str, port: int, *args: str) -> Launched:
+    return Launched(
+        "serve", "--node-id", "node-x", "--host", "127.0.0.1", "--port", str(port),
+        "--workers", "2", *args,
+        env={"BALANCECTL_DATABASE_URL": url},
+    )  # fmt: skip
+
+
+def watch_until_exit(node: Launched, port: int) -> tuple[int, set[int | None], float]:
+    """Poll ``/readyz`` until the node exits: its status, what ``/readyz`` said, how long."""
+    began, seen = time.monotonic(), set[int | None]()
+    while node.process.poll() is None:
+        assert time.monotonic() - began < REFUSAL_WITHIN, f"still running:\n{node.output}"
+        seen.add(readyz(f"http://127.0.0.1:{port}"))
+        time.sleep(0.2)
+    return node.finish(), seen, time.monotonic() - began
+
+
+def refusal_line(output: str) -> str:
+    assert "Traceback" not in output, output
+    lines = [line for line in output.splitlines() if line.startswith("balancectl: ")]
+    assert len(lines) == 1, output
+    assert output.rstrip("\n").splitlines()[-1] == lines[0], output
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "arithmetic"),
+    [
+        ("with-scheduler", "its 11 connections (2 workers x 3 + 3 scheduler + 2 jobs)"),
+        ("no-scheduler", "its 6 connections (2 workers x 3, no scheduler)"),
+    ],
+)
+def test_a_node_without_room_for_its_connections_exits_2_in_one_line(
+    small_server: str, tmp_path: Path, scheduler: str, arithmetic: str
+) -> None:
+    jobs = write_jobs(tmp_path / "jobs.toml", ["tick"], min_duration="1s", interval="2s")
+    args = ["--jobs-file", str(jobs)] if scheduler == "with-scheduler" else ["--no-scheduler"]
+    port = free_port()
+    with room_for(small_server, 2), start_node(small_server, port, *args) as node:
+        status, seen, seconds = watch_until_exit(node, port)
+        line = refusal_line(node.output)
+        print(f"\n{scheduler}: exit {status} after {seconds:.1f} s; /readyz saw {seen}\n{line}")
+        assert status == 2, node.output
+        assert 200 not in seen, "the node answered ready while it could not open its pools"
+        assert line.startswith(f"balancectl: node-x cannot open {arithmetic}: "), line
+        assert "the server refused: " in line and "too many clients already" in line, line
+        assert f"(max_connections={MAX_CONNECTIONS})" in line, line
+        assert line.endswith("; use PgBouncer (docs/operations.md) or fewer nodes"), line
+        assert node.leftovers() == []
+
+
+def test_a_node_with_room_for_its_start_serves_degraded(small_server: str, tmp_path: Path) -> None:
+    jobs = write_jobs(tmp_path / "jobs.toml", ["tick"], min_duration="1s", interval="2s")
+    port, url = free_port(), ""
+    with (
+        room_for(small_server, 8),
+        start_node(small_server, port, "--jobs-file", str(jobs)) as node,
+    ):
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while readyz(url) != 200:
+            assert node.process.poll() is None, node.output
+            assert time.monotonic() < deadline, node.output
+            time.sleep(0.2)
+        statuses = [readyz(url) for _ in range(10)]
+        debits = [http_json(f"{url}/users/1/balance", "POST", {"amount": -1})[0] for _ in range(20)]
+        print(f"\nroom for 8: /readyz {statuses}; 20 debits {set(debits)}")
+        assert statuses == [200] * 10 and debits == [200] * 20
+        assert node.process.poll() is None
+        assert sql(small_server, "SELECT balance FROM users WHERE id = 1") == [(9980,)]
