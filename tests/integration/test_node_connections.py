@@ -8,11 +8,14 @@ A node holds up to ``W x ceil(P / W) + 3 scheduler + 2 jobs`` connections
 a few of its slots with connections of their own, as other nodes would, and start one
 ``balancectl serve --workers 2`` beside them:
 
-- room for 2 connections: the node exits 2 with one ``balancectl:`` line naming the
-  arithmetic, the server's refusal and ``max_connections``; it never answers ``/readyz``
-  200 on the way, and leaves no process behind; with ``--no-scheduler`` too;
+- room for 2 connections (a worker's pool is refused) or 4 (the scheduler's is): the
+  node exits 2 with one ``balancectl:`` line naming the arithmetic, the server's refusal
+  and ``max_connections``; it never answers ``/readyz`` 200 on the way, and leaves no
+  process behind; with ``--no-scheduler`` too;
 - room for 8 (its start needs 6, its most 11): it starts, is ready and serves every
-  request.
+  request;
+- a server still coming up is no refusal: started while the server is down (``--db-wait``),
+  the node waits for it and serves once it is up.
 """
 
 from __future__ import annotations
@@ -36,29 +39,33 @@ from tests.processes import Launched, http_json
 pytestmark = pytest.mark.slow
 
 MAX_CONNECTIONS = 20
+CLIENTS = """SELECT count(*) FROM pg_stat_activity
+             WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"""
 REFUSAL_WITHIN = 60.0  # seconds: a refused start ends well inside this on a busy machine
 
 
 @pytest.fixture
-def small_server(tmp_path: Path) -> Iterator[str]:
+def pgdata(tmp_path: Path) -> Iterator[Path]:
+    """The data folder of this test's own embedded PostgreSQL; stopped afterwards."""
+    yield tmp_path / "pg"
+    stop_embedded(tmp_path / "pg")
+
+
+@pytest.fixture
+def small_server(pgdata: Path) -> str:
     """The URL of a private, migrated PostgreSQL with ``max_connections = 20``."""
-    pgdata = tmp_path / "pg"
-    try:
-        url = embedded_database_url(pgdata)
-        sql(url, f"ALTER SYSTEM SET max_connections = {MAX_CONNECTIONS}")
-        stop_embedded(pgdata)
-        assert embedded_database_url(pgdata) == url
-        assert sql(url, "SHOW max_connections") == [(str(MAX_CONNECTIONS),)]
-        upgrade(url)
-        yield url
-    finally:
-        stop_embedded(pgdata)
+    url = embedded_database_url(pgdata)
+    sql(url, f"ALTER SYSTEM SET max_connections = {MAX_CONNECTIONS}")
+    stop_embedded(pgdata)
+    assert embedded_database_url(pgdata) == url
+    assert sql(url, "SHOW max_connections") == [(str(MAX_CONNECTIONS),)]
+    upgrade(url)
+    return url
 
 
 def clients(url: str) -> int:
-    [(count,)] = sql(
-        url, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
-    )
+    """Client connections to the server, not counting the one asking."""
+    [(count,)] = sql(url, CLIENTS)
     return int(count)
 
 
@@ -108,24 +115,32 @@ def refusal_line(output: str) -> str:
     return lines[0]
 
 
+WITH_SCHEDULER = "its 11 connections (2 workers x 3 + 3 scheduler + 2 jobs)"
+
+
 @pytest.mark.parametrize(
-    ("scheduler", "arithmetic"),
+    ("scheduler", "room", "refused", "arithmetic"),
     [
-        ("with-scheduler", "its 11 connections (2 workers x 3 + 3 scheduler + 2 jobs)"),
-        ("no-scheduler", "its 6 connections (2 workers x 3, no scheduler)"),
+        ("with-scheduler", 2, "api", WITH_SCHEDULER),  # a worker's request pool
+        ("with-scheduler", 4, "scheduler", WITH_SCHEDULER),  # the workers get 2 each
+        ("no-scheduler", 2, "api", "its 6 connections (2 workers x 3, no scheduler)"),
     ],
 )
 def test_a_node_without_room_for_its_connections_exits_2_in_one_line(
-    small_server: str, tmp_path: Path, scheduler: str, arithmetic: str
+    small_server: str, tmp_path: Path, scheduler: str, room: int, refused: str, arithmetic: str
 ) -> None:
     jobs = write_jobs(tmp_path / "jobs.toml", ["tick"], min_duration="1s", interval="2s")
     args = ["--jobs-file", str(jobs)] if scheduler == "with-scheduler" else ["--no-scheduler"]
     port = free_port()
-    with room_for(small_server, 2), start_node(small_server, port, *args) as node:
+    with room_for(small_server, room), start_node(small_server, port, *args) as node:
         status, seen, seconds = watch_until_exit(node, port)
         line = refusal_line(node.output)
-        print(f"\n{scheduler}: exit {status} after {seconds:.1f} s; /readyz saw {seen}\n{line}")
+        print(f"\n{scheduler}, room for {room}: exit {status} after {seconds:.1f} s; ", end="")
+        print(f"/readyz saw {seen}\n{line}")
         assert status == 2, node.output
+        assert f"error connecting in '{refused}'" in node.output, node.output
+        if refused == "scheduler":
+            assert "error connecting in 'api'" not in node.output, node.output
         assert 200 not in seen, "the node answered ready while it could not open its pools"
         assert line.startswith(f"balancectl: node-x cannot open {arithmetic}: "), line
         assert "the server refused: " in line and "too many clients already" in line, line
@@ -153,3 +168,29 @@ def test_a_node_with_room_for_its_start_serves_degraded(small_server: str, tmp_p
         assert statuses == [200] * 10 and debits == [200] * 20
         assert node.process.poll() is None
         assert sql(small_server, "SELECT balance FROM users WHERE id = 1") == [(9980,)]
+
+
+def wait_ready(node: Launched, url: str, timeout: float = 90.0) -> float:
+    """Seconds until ``/readyz`` answers 200; fails if the node exits first."""
+    began = time.monotonic()
+    while readyz(url) != 200:
+        assert node.process.poll() is None, node.output
+        assert time.monotonic() - began < timeout, node.output
+        time.sleep(0.2)
+    return time.monotonic() - began
+
+
+def test_a_server_still_coming_up_is_waited_for_not_refused(
+    small_server: str, pgdata: Path, tmp_path: Path
+) -> None:
+    jobs = write_jobs(tmp_path / "jobs.toml", ["tick"], min_duration="1s", interval="2s")
+    port = free_port()
+    assert stop_embedded(pgdata)
+    with start_node(small_server, port, "--jobs-file", str(jobs), "--db-wait", "60") as node:
+        node.wait_for("database not reachable yet", timeout=30)
+        time.sleep(3.0)
+        assert embedded_database_url(pgdata) == small_server
+        up = wait_ready(node, f"http://127.0.0.1:{port}")
+        status, _ = http_json(f"http://127.0.0.1:{port}/users/1/balance", "POST", {"amount": -1})
+        print(f"\nready {up:.2f} s after the server came up; a debit: {status}")
+        assert status == 200 and node.process.poll() is None
