@@ -344,9 +344,9 @@ def server_max_connections(url: str) -> int | None:
     """The server's ``max_connections`` (behind PgBouncer, the server's), or ``None`` when it
     cannot be read: named in the message of a node the server refuses."""
     try:
-        with psycopg.connect(
-            url, autocommit=True, connect_timeout=5, prepare_threshold=None
-        ) as conn:
+        # Bounded like every connection: a link gone silent fails within 5 s.
+        bounds: dict[str, Any] = {"connect_timeout": 5, **keepalive_kwargs(5.0)}
+        with psycopg.connect(url, autocommit=True, prepare_threshold=None, **bounds) as conn:
             row = conn.execute(query("max_connections")).fetchone()
     except psycopg.Error:
         return None
