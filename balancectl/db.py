@@ -415,8 +415,13 @@ def connection_kwargs(settings: PoolSettings) -> dict[str, Any]:
     return kwargs
 
 
-def refusal(error: psycopg.OperationalError) -> str | None:
-    """The server's words when it refused a connection for lack of slots, else ``None``."""
+def refusal(error: BaseException | None) -> str | None:
+    """The server's words when it refused a connection for lack of slots, else ``None``
+    (``error`` a psycopg error, or one that wraps it: SQLAlchemy's, the migration's)."""
+    while error is not None and not isinstance(error, psycopg.OperationalError):
+        error = error.__cause__ or getattr(error, "orig", None)
+    if error is None:
+        return None
     text = str(error)
     if not any(words in text for words in NO_SLOTS):
         return None

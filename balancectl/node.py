@@ -19,7 +19,7 @@ from dataclasses import replace
 
 from balancectl import migrations
 from balancectl.config import NodeSettings, PoolSettings
-from balancectl.db import Database, TooManyConnections, server_max_connections
+from balancectl.db import Database, TooManyConnections, refusal, server_max_connections
 from balancectl.errors import ConfigError
 from balancectl.logs import configure_logging
 from balancectl.open_files import raise_open_files_limit
@@ -70,7 +70,7 @@ def serve(settings: NodeSettings, specs: Sequence[JobSpec], db_wait: float = 30.
     """Migrate, then serve the API and run the scheduler until asked to stop."""
     sock = bind(settings.host, settings.port, settings.backlog)
     raise_open_files_limit()
-    migrations.upgrade_when_reachable(settings.database_url, db_wait)
+    migrate(settings, specs, db_wait)
     limit = server_max_connections(settings.database_url)
     try:
         received = asyncio.run(supervise(settings, specs, sock))
@@ -113,6 +113,18 @@ async def supervise(
         workers.terminate()
         await workers.wait()
     return received[0] if received else None
+
+
+def migrate(settings: NodeSettings, specs: Sequence[JobSpec], db_wait: float) -> None:
+    """Upgrade to head (waiting ``db_wait`` for the server); a server that was full all that
+    time is the same one line as a pool it refuses."""
+    try:
+        migrations.upgrade_when_reachable(settings.database_url, db_wait)
+    except ConfigError as error:
+        reason = refusal(error.__cause__)
+        if reason is None:
+            raise
+        raise ConfigError(refused(settings, specs, TooManyConnections(reason), None)) from error
 
 
 def refused(

@@ -14,6 +14,8 @@ a few of its slots with connections of their own, as other nodes would, and star
   process behind; with ``--no-scheduler`` too;
 - room for 8 (its start needs 6, its most 11): it starts, is ready and serves every
   request;
+- five nodes that hold all 20 slots: a sixth is refused already at its migration (after
+  ``--db-wait``), in the same one line, and the five serve on;
 - a server still coming up is no refusal: started while the server is down (``--db-wait``),
   the node waits for it and serves once it is up.
 """
@@ -34,7 +36,7 @@ from balancectl.migrations import upgrade
 from balancectl.toolkit.embedded import embedded_database_url, stop_embedded
 from tests.conftest import free_port, sql
 from tests.integration.test_scheduler_history import write_jobs
-from tests.processes import Launched, http_json
+from tests.processes import ClusterFactory, Launched, http_json
 
 pytestmark = pytest.mark.slow
 
@@ -194,3 +196,25 @@ def test_a_server_still_coming_up_is_waited_for_not_refused(
         status, _ = http_json(f"http://127.0.0.1:{port}/users/1/balance", "POST", {"amount": -1})
         print(f"\nready {up:.2f} s after the server came up; a debit: {status}")
         assert status == 200 and node.process.poll() is None
+
+
+def test_the_node_past_the_servers_connections_is_refused_and_the_others_serve(
+    small_server: str, cluster_factory: ClusterFactory
+) -> None:
+    # 5 nodes x 2 workers x 2 connections (the pools' minimum, idle) = all 20 slots.
+    cluster = cluster_factory(5, "--no-scheduler", "--workers", "2", url=small_server)
+    port = free_port()
+    with start_node(small_server, port, "--no-scheduler", "--db-wait", "3") as node:
+        status, seen, seconds = watch_until_exit(node, port)
+        line = refusal_line(node.output)
+    print(f"\n5 nodes hold all {MAX_CONNECTIONS} slots; the 6th: exit {status} after "
+          f"{seconds:.1f} s\n{line}")  # fmt: skip
+    assert status == 2 and 200 not in seen, node.output
+    assert "database not reachable yet" in node.output, "not refused at its migration"
+    assert line.startswith(
+        "balancectl: node-x cannot open its 6 connections (2 workers x 3, no scheduler): "
+        "the server refused: sorry, too many clients already; use PgBouncer"
+    ), line
+    for url in cluster.urls:
+        assert readyz(url) == 200
+        assert http_json(f"{url}/users/1/balance", "POST", {"amount": -1})[0] == 200
