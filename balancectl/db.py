@@ -41,6 +41,16 @@ UNKNOWN = "A statement was sent: it may have been applied; retry with the same I
 # lock_timeout, statement_timeout, idle_in_transaction_session_timeout, a serialization
 # failure, a deadlock. The database answers; nothing was applied.
 NOT_APPLIED_STATES = frozenset({"55P03", "57014", "25P03", "40001", "40P01"})
+# How long a node's start waits for a pool's first connections before it carries on and
+# lets the pool keep trying (a slow server is not a refusal).
+OPEN_WAIT = 10.0
+# The server's words for SQLSTATE 53300 (too_many_connections): libpq reports a refused
+# connection by its message only, without the SQLSTATE.
+NO_SLOTS = (
+    "too many clients already",
+    "too many connections for",
+    "remaining connection slots are reserved",
+)
 Params = Mapping[str, Any]
 log = logging.getLogger("balancectl.db")
 
@@ -146,6 +156,11 @@ class NoAnswer(Unavailable):
     """A statement got no answer within its deadline: the link or the server is failing."""
 
 
+class TooManyConnections(Unavailable):
+    """The server refused a connection for lack of slots (``max_connections``, a role's or
+    a database's connection limit): SQLSTATE 53300."""
+
+
 class Health:
     """Whether the database answers, told apart from load.
 
@@ -172,7 +187,7 @@ class Database:
     """A pool of autocommit connections; open it in a lifespan, close it on the way out."""
 
     def __init__(self, url: str, settings: PoolSettings, *, name: str = "balancectl") -> None:
-        self.settings = settings
+        self.url, self.settings = url, settings
         self.pool: AsyncConnectionPool[psycopg.AsyncConnection[Row]] = AsyncConnectionPool(
             url,
             min_size=settings.min_size,
@@ -180,12 +195,14 @@ class Database:
             timeout=settings.timeout,
             max_waiting=settings.max_waiting,
             reconnect_timeout=RECONNECT_GIVE_UP,
+            reconnect_failed=self._gave_up,
             kwargs=connection_kwargs(settings),
             connection_class=psycopg.AsyncConnection[Row],
             name=name,
             open=False,
         )
         self.health = Health()
+        self.gave_up_connecting = False
         # Requests queue here, not in the pool: a burst's waiters cost a future each.
         self.admission = Admission(settings.max_size, settings.max_waiting)
 
@@ -194,6 +211,39 @@ class Database:
 
     async def close(self) -> None:
         await self.pool.close()
+
+    async def wait_open(self, bound: float = OPEN_WAIT) -> None:
+        """Wait (at most ``bound`` s) for the pool's ``min_size`` connections, at a node's start.
+
+        Raises ``TooManyConnections`` when the server refuses them for lack of slots, so a
+        node that cannot open its pools says so instead of serving half-working. Any other
+        failure (a server still coming up, a slow link) is left to the pool, which keeps
+        connecting as requests ask, as before.
+        """
+        deadline = time.monotonic() + bound
+        while self.pool.get_stats().get("pool_available", 0) < self.settings.min_size:
+            if self.gave_up_connecting:
+                await self._raise_if_refused()
+                return
+            if time.monotonic() >= deadline:
+                return
+            await asyncio.sleep(0.05)
+
+    async def _gave_up(self, pool: object) -> None:
+        """psycopg_pool stopped retrying a connection (after ``RECONNECT_GIVE_UP``)."""
+        self.gave_up_connecting = True
+
+    async def _raise_if_refused(self) -> None:
+        """One connection of our own, to learn the reason psycopg_pool only logged."""
+        kwargs = connection_kwargs(self.settings)
+        try:
+            connection = await psycopg.AsyncConnection.connect(self.url, **kwargs)
+        except psycopg.OperationalError as error:
+            reason = refusal(error)
+            if reason is not None:
+                raise TooManyConnections(reason) from error
+            return
+        await connection.close()
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[Session]:
@@ -290,6 +340,19 @@ class Database:
         }
 
 
+def server_max_connections(url: str) -> int | None:
+    """The server's ``max_connections`` (behind PgBouncer, the server's), or ``None`` when it
+    cannot be read: named in the message of a node the server refuses."""
+    try:
+        # Bounded like every connection: a link gone silent fails within 5 s.
+        bounds: dict[str, Any] = {"connect_timeout": 5, **keepalive_kwargs(5.0)}
+        with psycopg.connect(url, autocommit=True, prepare_threshold=None, **bounds) as conn:
+            row = conn.execute(query("max_connections")).fetchone()
+    except psycopg.Error:
+        return None
+    return None if row is None else int(row[0])
+
+
 def session_settings(settings: PoolSettings) -> dict[str, str]:
     """The server settings every statement runs under (milliseconds for the timeouts)."""
     return {
@@ -350,6 +413,20 @@ def connection_kwargs(settings: PoolSettings) -> dict[str, Any]:
         # prepared statements would land on other server connections.
         kwargs["prepare_threshold"] = None
     return kwargs
+
+
+def refusal(error: BaseException | None) -> str | None:
+    """The server's words when it refused a connection for lack of slots, else ``None``
+    (``error`` a psycopg error, or one that wraps it: SQLAlchemy's, the migration's)."""
+    while error is not None and not isinstance(error, psycopg.OperationalError):
+        error = error.__cause__ or getattr(error, "orig", None)
+    if error is None:
+        return None
+    text = str(error)
+    if not any(words in text for words in NO_SLOTS):
+        return None
+    _, _, said = text.rpartition("FATAL:")  # libpq: 'connection to server ... failed: FATAL:  ...'
+    return said.strip().splitlines()[0]
 
 
 def first_line(error: BaseException) -> str:

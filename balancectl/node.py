@@ -19,11 +19,12 @@ from dataclasses import replace
 
 from balancectl import migrations
 from balancectl.config import NodeSettings, PoolSettings
-from balancectl.db import Database
+from balancectl.db import Database, TooManyConnections, refusal, server_max_connections
 from balancectl.errors import ConfigError
 from balancectl.logs import configure_logging
 from balancectl.open_files import raise_open_files_limit
 from balancectl.scheduler import JobRetention, JobSpec, Scheduler, SchedulerStore
+from balancectl.worker import worker_pool
 from balancectl.workers import Workers, WorkersFailed
 
 log = logging.getLogger("balancectl.node")
@@ -69,11 +70,14 @@ def serve(settings: NodeSettings, specs: Sequence[JobSpec], db_wait: float = 30.
     """Migrate, then serve the API and run the scheduler until asked to stop."""
     sock = bind(settings.host, settings.port, settings.backlog)
     raise_open_files_limit()
-    migrations.upgrade_when_reachable(settings.database_url, db_wait)
+    migrate(settings, specs, db_wait)
+    limit = server_max_connections(settings.database_url)
     try:
         received = asyncio.run(supervise(settings, specs, sock))
     except WorkersFailed as error:
         raise ConfigError(f"node {settings.node_id} cannot serve: {error}") from error
+    except TooManyConnections as error:
+        raise ConfigError(refused(settings, specs, error, limit)) from error
     if received is not None:
         # Exit as the signal would have made us (status 128 + n in a shell), like uvicorn.
         signal.signal(received, signal.SIG_DFL)
@@ -111,6 +115,45 @@ async def supervise(
     return received[0] if received else None
 
 
+def migrate(settings: NodeSettings, specs: Sequence[JobSpec], db_wait: float) -> None:
+    """Upgrade to head (waiting ``db_wait`` for the server); a server that was full all that
+    time is the same one line as a pool it refuses."""
+    try:
+        migrations.upgrade_when_reachable(settings.database_url, db_wait)
+    except ConfigError as error:
+        reason = refusal(error.__cause__)
+        if reason is None:
+            raise
+        raise ConfigError(refused(settings, specs, TooManyConnections(reason), None)) from error
+
+
+def refused(
+    settings: NodeSettings, specs: Sequence[JobSpec], error: TooManyConnections, limit: int | None
+) -> str:
+    """The one line of a node the server has no connection slots for, with its arithmetic."""
+    server = "" if limit is None else f" (max_connections={limit})"
+    return (
+        f"{settings.node_id} cannot open {connection_arithmetic(settings, specs)}: "
+        f"the server refused: {error.detail}{server}; "
+        "use PgBouncer (docs/operations.md) or fewer nodes"
+    )
+
+
+def connection_arithmetic(settings: NodeSettings, specs: Sequence[JobSpec]) -> str:
+    """``its 11 connections (2 workers x 3 + 3 scheduler + 2 jobs)``: docs/operations.md."""
+    workers, share = settings.workers, worker_pool(settings).max_size
+    requests = f"{workers} workers x {share}"
+    if not runs_scheduler(settings, specs):
+        return f"its {workers * share} connections ({requests}, no scheduler)"
+    scheduler, jobs = scheduler_pool(settings).max_size, job_pool(settings).max_size
+    total = workers * share + scheduler + jobs
+    return f"its {total} connections ({requests} + {scheduler} scheduler + {jobs} jobs)"
+
+
+def runs_scheduler(settings: NodeSettings, specs: Sequence[JobSpec]) -> bool:
+    return settings.scheduler.enabled and bool(specs)
+
+
 def scheduler_pool(settings: NodeSettings) -> PoolSettings:
     """A small pool of its own, so a burst of requests never delays a lease renewal."""
     return replace(
@@ -130,8 +173,10 @@ def job_pool(settings: NodeSettings) -> PoolSettings:
 
 @asynccontextmanager
 async def opened(db: Database) -> AsyncIterator[Database]:
+    """The pool, open with its first connections (``TooManyConnections`` if refused)."""
     await db.open()
     try:
+        await db.wait_open()
         yield db
     finally:
         await db.close()
@@ -140,7 +185,7 @@ async def opened(db: Database) -> AsyncIterator[Database]:
 @asynccontextmanager
 async def scheduled(settings: NodeSettings, specs: Sequence[JobSpec]) -> AsyncIterator[None]:
     """Run the node's one scheduler (unless disabled); stop it before its pools close."""
-    if not settings.scheduler.enabled or not specs:
+    if not runs_scheduler(settings, specs):
         yield
         return
     url = settings.database_url

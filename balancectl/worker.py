@@ -15,13 +15,16 @@ import signal
 import socket
 import sys
 from dataclasses import replace
+from multiprocessing.queues import SimpleQueue
 from multiprocessing.synchronize import Event
 
 import uvicorn
+from litestar import Litestar
 
 from balancectl.api import create_app
 from balancectl.api.http_limits import GuardedHttpToolsProtocol
 from balancectl.config import NodeSettings, PoolSettings
+from balancectl.db import Database, TooManyConnections
 from balancectl.logs import configure_logging
 
 PR_SET_PDEATHSIG = 1
@@ -64,16 +67,33 @@ def uvicorn_config(settings: NodeSettings, node_ready: Event | None = None) -> u
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server, telling the supervisor once its app has started."""
+    """uvicorn's server, telling the supervisor once its app has started and its request
+    pool holds its first connections, or why the server refused them."""
 
-    def __init__(self, config: uvicorn.Config, started: Event) -> None:
+    def __init__(
+        self, config: uvicorn.Config, started: Event, refusals: SimpleQueue[str] | None = None
+    ) -> None:
         super().__init__(config)
-        self.started_event = started
+        self.started_event, self.refusals = started, refusals
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
-        if self.started:
-            self.started_event.set()
+        if not self.started:
+            return
+        try:
+            await self.pool_opened()
+        except TooManyConnections as error:
+            if self.refusals is not None:
+                self.refusals.put(error.detail)
+            self.should_exit = True  # uvicorn then shuts the app down, closing its pool
+            return
+        self.started_event.set()
+
+    async def pool_opened(self) -> None:
+        app = self.config.app
+        db = app.state.get("db") if isinstance(app, Litestar) else None
+        if isinstance(db, Database):
+            await db.wait_open()
 
 
 def run_worker(
@@ -83,10 +103,15 @@ def run_worker(
     index: int,
     started: Event,
     node_ready: Event,
+    refusals: SimpleQueue[str] | None = None,
 ) -> None:
-    """The worker's process target: serve until SIGTERM or SIGINT, then drain and exit."""
+    """The worker's process target: serve until SIGTERM or SIGINT, then drain and exit.
+
+    A request pool the server refuses at start (no connection slots) is put on
+    ``refusals`` for the supervisor, and the worker exits without serving.
+    """
     die_with_parent(parent_pid)
     settings = replace(settings, pool=worker_pool(settings))
     configure_logging(f"{settings.node_id}/w{index}", settings.log_level)
     log.info("worker %d serving on pid %d", index, os.getpid())
-    Server(uvicorn_config(settings, node_ready), started).run(sockets=[sock])
+    Server(uvicorn_config(settings, node_ready), started, refusals).run(sockets=[sock])

@@ -17,9 +17,11 @@ import socket
 import tempfile
 import time
 from multiprocessing.process import BaseProcess
+from multiprocessing.queues import SimpleQueue
 from multiprocessing.synchronize import Event
 
 from balancectl.config import NodeSettings
+from balancectl.db import TooManyConnections
 from balancectl.worker import run_worker
 
 log = logging.getLogger("balancectl.workers")
@@ -46,6 +48,8 @@ class Workers:
         self._context = multiprocessing.get_context("spawn")
         # Set by the supervisor once the node's scheduler has joined: /readyz waits for it.
         self.node_ready = self._context.Event()
+        # A worker whose request pool the server refused at start says why here.
+        self.refusals: SimpleQueue[str] = self._context.SimpleQueue()
         self._folder = ""
 
     def __enter__(self) -> Workers:
@@ -63,6 +67,8 @@ class Workers:
             if until.is_set():
                 return False
             dead = [p for p in self.processes if not p.is_alive()]
+            if dead and not self.refusals.empty():
+                raise TooManyConnections(self.refusals.get())
             if dead:
                 raise WorkersFailed(f"worker {dead[0].name} exited with status {dead[0].exitcode}")
             if time.monotonic() > deadline:
@@ -85,6 +91,7 @@ class Workers:
                 index,
                 self.started[index],
                 self.node_ready,
+                self.refusals,
             ),
             name=f"{self.settings.node_id}-w{index}",
             daemon=False,

@@ -5,6 +5,9 @@
 -- name: database_now
 SELECT now() AS now
 
+-- name: max_connections
+SELECT current_setting('max_connections')::int AS max_connections
+
 -- name: schema_revision
 SELECT version_num FROM alembic_version
 
