@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import resource
@@ -409,10 +410,13 @@ def sustained(args: Arguments, database_url: str, folder: Path) -> list[dict[str
 
 
 def pool_connections(server: Server) -> int:
-    """How many statements the nodes can run at once: workers (the CPU count) x pool size."""
+    """How many statements the nodes can run at once: their request connections, the
+    pool size split over each node's workers (a local node gets CPUs // nodes of them)."""
     from balancectl.config import PoolSettings
 
-    return len(server.roots) * (os.cpu_count() or 1) * PoolSettings().max_size
+    nodes = len(server.roots)
+    workers = max(1, (os.cpu_count() or 1) // nodes)
+    return nodes * workers * math.ceil(PoolSettings().max_size / workers)
 
 
 def median_ratio(runs: list[BurstRun], setup: str, client: str, requests: int) -> dict[str, Any]:
