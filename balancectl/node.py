@@ -24,7 +24,8 @@ from balancectl.errors import ConfigError
 from balancectl.logs import configure_logging
 from balancectl.open_files import raise_open_files_limit
 from balancectl.scheduler import JobRetention, JobSpec, Scheduler, SchedulerStore
-from balancectl.workers import Workers, WorkersFailed
+from balancectl.scheduler.metrics import SchedulerMetrics
+from balancectl.workers import Workers, WorkersFailed, metrics_folder
 
 log = logging.getLogger("balancectl.node")
 SOMAXCONN = "/proc/sys/net/core/somaxconn"
@@ -71,7 +72,8 @@ def serve(settings: NodeSettings, specs: Sequence[JobSpec], db_wait: float = 30.
     raise_open_files_limit()
     migrations.upgrade_when_reachable(settings.database_url, db_wait)
     try:
-        received = asyncio.run(supervise(settings, specs, sock))
+        with metrics_folder(settings.node_id):
+            received = asyncio.run(supervise(settings, specs, sock))
     except WorkersFailed as error:
         raise ConfigError(f"node {settings.node_id} cannot serve: {error}") from error
     if received is not None:
@@ -150,7 +152,8 @@ async def scheduled(settings: NodeSettings, specs: Sequence[JobSpec]) -> AsyncIt
     ):
         store = SchedulerStore(db, settings.node_id, settings.scheduler.lease_ttl)
         retention = JobRetention(idempotency_seconds=settings.idempotency_retention)
-        scheduler = Scheduler(store, specs, settings.scheduler, job_db, retention)
+        metrics = SchedulerMetrics()  # after metrics_folder(): samples go to the folder
+        scheduler = Scheduler(store, specs, settings.scheduler, job_db, retention, metrics)
         await scheduler.start()
         try:
             yield

@@ -63,8 +63,8 @@ async def jobs_document(db: Database) -> dict[str, Any]:
 
 async def job_named(db: Database, name: str) -> dict[str, Any]:
     """One job as ``GET /jobs`` lists it; ``JobNotFound`` if none has that name."""
-    document = await jobs_document(db)
-    for job in document["jobs"]:
+    jobs: list[dict[str, Any]] = (await jobs_document(db))["jobs"]
+    for job in jobs:
         if job["name"] == name:
             return job
     raise JobNotFound(f"no job is named {name!r}")

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 from balancectl.config import SchedulerSettings
 from balancectl.db import Database, first_line
 from balancectl.scheduler.context import JobContext, LeaseLost
+from balancectl.scheduler.metrics import SchedulerMetrics
 from balancectl.scheduler.registry import JobSpec
 from balancectl.scheduler.store import Claim, Renewal, SchedulerStore
 
@@ -93,8 +94,10 @@ class Scheduler:
         settings: SchedulerSettings,
         job_db: Database,
         retention: JobRetention | None = None,
+        metrics: SchedulerMetrics | None = None,
     ) -> None:
         self.store, self.settings, self.job_db = store, settings, job_db
+        self.metrics = metrics or SchedulerMetrics()
         self.specs = {spec.name: spec for spec in specs}
         self.retention = retention or JobRetention()
         self.runs: dict[str, Run] = {}
@@ -130,6 +133,7 @@ class Scheduler:
         await self.store.register_node()
         await self.store.register_jobs(list(self.specs.values()))
         self._connected_since = self._last_renewed = time.monotonic()
+        self.metrics.renewed()  # registering the node heartbeats it
         self._loops = [
             asyncio.create_task(self._claim_loop(), name="scheduler-claim"),
             asyncio.create_task(self._renew_loop(), name="scheduler-renew"),
@@ -208,6 +212,8 @@ class Scheduler:
         )
         self.runs[claim.job] = run
         run.task = asyncio.create_task(self._execute(run), name=f"job-{claim.job}")
+        self.metrics.claimed(claim.job, claim.started_at, claim.due_at, claim.took_over)
+        self.metrics.held(len(self.runs))
         log.info("claimed %s (token %d)", claim.job, claim.token)
 
     # ------------------------------------------------------------------ running
@@ -248,6 +254,8 @@ class Scheduler:
         )
         if self.runs.get(run.claim.job) is run:
             del self.runs[run.claim.job]
+        self.metrics.recorded(run.claim.job, status, written, time.monotonic() - run.started)
+        self.metrics.held(len(self.runs))
         log.info(
             "%s (token %d) ended %s; recorded %s", run.claim.job, run.claim.token, status, written
         )
@@ -287,6 +295,7 @@ class Scheduler:
             self._lost_touch_at = None if self._clock is None else self._clock[1]
             self._recovered_by = sent + self.settings.settle + self.settings.lease_ttl
         self._last_renewed = sent
+        self.metrics.renewed()
         if renewal.released:
             log.warning("released %d lease(s) whose claim answer never arrived", renewal.released)
         if self._clock is not None:

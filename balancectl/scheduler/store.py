@@ -21,6 +21,8 @@ class Claim:
     token: int
     started_at: datetime
     min_duration: float
+    due_at: datetime | None = None  # when it became claimable: due, or its lease expired
+    took_over: bool = False  # the claim took an expired lease of another run over
 
 
 @dataclass(frozen=True)
@@ -124,4 +126,6 @@ def claim_of(row: Row) -> Claim:
         token=int(row["token"]),
         started_at=row["started_at"],
         min_duration=float(row["min_duration_seconds"]),
+        due_at=row.get("due_at"),
+        took_over=bool(row.get("took_over")),
     )
