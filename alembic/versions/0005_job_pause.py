@@ -1,4 +1,5 @@
-"""jobs.paused_at: an operator's pause; a paused job is never claimed.
+"""jobs.paused_at and jobs.stop_token: an operator's pause (a paused job is never claimed)
+and the run in progress it asked to stop.
 
 Revision ID: 0005
 Revises: 0004
@@ -18,8 +19,10 @@ depends_on = None
 
 def upgrade() -> None:
     op.add_column("jobs", sa.Column("paused_at", sa.DateTime(timezone=True), nullable=True))
+    op.add_column("jobs", sa.Column("stop_token", sa.BigInteger, nullable=True))
 
 
 def downgrade() -> None:
     # An older node knows no pause: a paused job becomes claimable again.
+    op.drop_column("jobs", "stop_token")
     op.drop_column("jobs", "paused_at")

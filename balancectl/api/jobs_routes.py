@@ -33,6 +33,13 @@ UNAUTHORIZED = "The node has an API token and the request did not carry it (slug
 VERB_PROBLEMS = {401: UNAUTHORIZED, 404: NOT_FOUND, 503: UNAVAILABLE}
 NameFilter = Annotated[str | None, Parameter(schema_extra=NAME_FILTER_SCHEMA)]
 JobName = Annotated[str, Parameter(description="The job's name")]
+StopFlag = Annotated[
+    bool,
+    Parameter(
+        description="Also stop the run in progress: its node stops it at its next lease "
+        "renewal and records it cancelled",
+    ),
+]
 
 
 def parse_filter(name: str, value: str | None) -> str | None:
@@ -108,13 +115,16 @@ async def run_job(db: NamedDependency[Database], name: JobName) -> JobDocument:
 
 @post(
     "/jobs/{name:str}/pause",
-    summary="Never claim the job until resumed; a run in progress finishes",
+    summary="Never claim the job until resumed; a run in progress finishes, "
+    "or with stop=true is stopped (recorded cancelled)",
     status_code=200,
     guards=[require_token],
-    responses=problem_specs(VERB_PROBLEMS),
+    responses=problem_specs({**VERB_PROBLEMS, 422: "Invalid stop (slug invalid-request)"}),
 )
-async def pause_job(db: NamedDependency[Database], name: JobName) -> JobDocument:
-    return await apply(db, "pause", name)
+async def pause_job(
+    db: NamedDependency[Database], name: JobName, stop: StopFlag = False
+) -> JobDocument:
+    return await apply(db, "pause-stop" if stop else "pause", name)
 
 
 @post(

@@ -73,7 +73,9 @@ class SchedulerMetrics:
             multiprocess_mode="livemostrecent",
         )
 
-    def claimed(self, job: str, started_at: datetime, due_at: datetime | None, took_over: bool) -> None:
+    def claimed(
+        self, job: str, started_at: datetime, due_at: datetime | None, took_over: bool
+    ) -> None:
         """A claim won: its latency on the database clock, and whether it was a takeover."""
         if due_at is not None:
             self.claim_latency.observe(max(0.0, (started_at - due_at).total_seconds()))

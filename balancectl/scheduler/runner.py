@@ -35,6 +35,7 @@ from balancectl.scheduler.registry import JobSpec
 from balancectl.scheduler.store import Claim, Renewal, SchedulerStore
 
 log = logging.getLogger("balancectl.scheduler")
+STOPPED_BY_PAUSE = "stopped by an operator's pause (pause --stop)"
 T = TypeVar("T")
 
 
@@ -281,6 +282,9 @@ class Scheduler:
                 continue
             if name in renewal.renewed:
                 run.deadline = sent + self.settings.lease_ttl - self.margin
+                if name in renewal.stop:
+                    log.info("%s (token %d) is paused with a stop; stopping it", name, token)
+                    run.stop("cancelled", STOPPED_BY_PAUSE)
             else:
                 log.warning("lease of %s (token %d) is gone; stopping it", name, token)
                 run.stop("lost", "the lease was gone at its renewal")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from balancectl.db import Database, Row
@@ -27,11 +27,13 @@ class Claim:
 
 @dataclass(frozen=True)
 class Renewal:
-    """One renewal's answer: the database's clock, the leases extended, unknown ones freed."""
+    """One renewal's answer: the database's clock, the leases extended, unknown ones freed,
+    and the renewed runs an operator's pause asked to stop."""
 
     now: datetime
     renewed: set[str]
     released: int
+    stop: set[str] = field(default_factory=set)
 
 
 class SchedulerStore:
@@ -99,7 +101,12 @@ class SchedulerStore:
             },
         )
         assert row is not None  # an aggregate query: always one row
-        return Renewal(row["now"], {str(name) for name in row["renewed"]}, int(row["released"]))
+        return Renewal(
+            row["now"],
+            {str(name) for name in row["renewed"]},
+            int(row["released"]),
+            {str(name) for name in row["stop"]},
+        )
 
     async def finish(
         self, job: str, token: int, status: str, error: str | None, work_done: bool = False

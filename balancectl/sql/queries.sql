@@ -284,14 +284,16 @@ FROM claimed cl JOIN candidate c ON c.name = cl.name
 -- A lease this node holds but does not know of (`known`: every run it has, renewed
 -- or not; a claim whose answer never arrived in time) is released without a history
 -- row, since it never ran; only once it is older than `claim_deadline`, after which
--- the node drops any answer.
+-- the node drops any answer. `stop`: the renewed runs an operator's pause asked to
+-- stop (pause_job_stop); the node stops them and records them cancelled, renewing
+-- their leases until then.
 WITH renewed AS (
     UPDATE jobs j
     SET lease_expires_at = now() + make_interval(secs => %(lease_ttl)s)
     FROM unnest(%(names)s::text[], %(tokens)s::bigint[]) AS held(name, token)
     WHERE j.name = held.name AND j.token = held.token
       AND j.owner = %(node)s AND j.lease_expires_at > now()
-    RETURNING j.name
+    RETURNING j.name, j.stop_token IS NOT DISTINCT FROM held.token AS stop
 ), unknown AS (
     UPDATE jobs j
     SET owner = NULL, lease_expires_at = NULL
@@ -305,7 +307,8 @@ WITH renewed AS (
 )
 SELECT now() AS now, (SELECT count(*) FROM heartbeat) AS seen,
        (SELECT count(*) FROM unknown) AS released,
-       coalesce((SELECT array_agg(name) FROM renewed), '{}') AS renewed
+       coalesce((SELECT array_agg(name) FROM renewed), '{}') AS renewed,
+       coalesce((SELECT array_agg(name) FROM renewed WHERE stop), '{}') AS stop
 
 -- name: finish_run
 -- Records a claim's run once and releases the job, only under its token.
@@ -386,12 +389,23 @@ UPDATE jobs SET paused_at = coalesce(paused_at, now())
 WHERE name = %(job)s
 RETURNING name, paused_at IS NOT NULL AS paused
 
+-- name: pause_job_stop
+-- The same pause, and the run in progress (if any) is to stop: its node reads
+-- stop_token at its next renewal (renew_leases) and records the run cancelled.
+UPDATE jobs
+SET paused_at = coalesce(paused_at, now()),
+    stop_token = CASE WHEN owner IS NOT NULL AND lease_expires_at > now() THEN token
+                      ELSE stop_token END
+WHERE name = %(job)s
+RETURNING name, paused_at IS NOT NULL AS paused
+
 -- name: resume_job
 -- An overdue job becomes due from now, so its paused time does not count as starving
 -- (claim_job's starve_after); a running job's next_run_at is left alone (finish_run
 -- reads it).
 UPDATE jobs
 SET paused_at = NULL,
+    stop_token = NULL,  -- a stop not yet carried out is called off
     next_run_at = CASE
         WHEN paused_at IS NULL OR (owner IS NOT NULL AND lease_expires_at > now())
             THEN next_run_at

@@ -160,3 +160,37 @@ async def test_pausing_a_running_job_lets_its_run_finish(
     assert (await client.get("/jobs/long")).json()["state"] == "paused"
     await client.post("/jobs/long/run", headers=BEARER)
     assert await claim(store, "long") is None
+
+
+async def test_pause_with_stop_tells_the_owner_at_its_renewal_to_stop_that_run(
+    client: Client, store: SchedulerStore, database_url: str
+) -> None:
+    add_job(database_url, "long", due_in=-1)
+    first = await store.claim(["long"], 0.0, 3600.0, False)
+    assert first is not None
+    plain = await store.renew({"long": first.token}, ["long"], claim_deadline=10.0)
+    assert plain.stop == set()
+    reply = await client.post("/jobs/long/pause?stop=true", headers=BEARER)
+    assert (reply.status_code, reply.json()["state"]) == (200, "running")
+    renewal = await store.renew({"long": first.token}, ["long"], claim_deadline=10.0)
+    # Still renewed (no one else may take it while it stops), and told to stop.
+    assert (renewal.renewed, renewal.stop) == ({"long"}, {"long"})
+    assert await store.finish("long", first.token, "cancelled", "stopped") == "cancelled"
+    assert (await client.get("/jobs/long")).json()["state"] == "paused"
+    await client.post("/jobs/long/resume", headers=BEARER)
+    second = await claim(store, "long")
+    assert second is not None
+    again = await store.renew({"long": second.token}, ["long"], claim_deadline=10.0)
+    assert again.stop == set()  # the stop was for the earlier run only
+
+
+async def test_resume_calls_off_a_stop_not_yet_carried_out(
+    client: Client, store: SchedulerStore, database_url: str
+) -> None:
+    add_job(database_url, "long", due_in=-1)
+    first = await store.claim(["long"], 0.0, 3600.0, False)
+    assert first is not None
+    await client.post("/jobs/long/pause?stop=true", headers=BEARER)
+    await client.post("/jobs/long/resume", headers=BEARER)
+    renewal = await store.renew({"long": first.token}, ["long"], claim_deadline=10.0)
+    assert (renewal.renewed, renewal.stop) == ({"long"}, set())
