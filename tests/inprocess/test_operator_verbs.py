@@ -15,7 +15,7 @@ from litestar.testing import AsyncTestClient
 from balancectl.api import create_app
 from balancectl.config import NodeSettings, PoolSettings, SchedulerSettings
 from balancectl.db import Database
-from balancectl.scheduler import SchedulerStore
+from balancectl.scheduler import Claim, SchedulerStore
 from tests.conftest import sql
 
 Client = AsyncTestClient[Litestar]
@@ -60,7 +60,7 @@ async def store(database_url: str) -> AsyncIterator[SchedulerStore]:
         await db.close()
 
 
-async def claim(store: SchedulerStore, name: str) -> object:
+async def claim(store: SchedulerStore, name: str) -> Claim | None:
     return await store.claim([name], settle=0.0, starve_after=3600.0, may_starve=False)
 
 
