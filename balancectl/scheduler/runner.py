@@ -255,7 +255,8 @@ class Scheduler:
         )
         if self.runs.get(run.claim.job) is run:
             del self.runs[run.claim.job]
-        self.metrics.recorded(run.claim.job, status, written, time.monotonic() - run.started)
+        decided = run.stop_reason or status  # "lost" even when given up as unresponsive
+        self.metrics.recorded(run.claim.job, decided, written, time.monotonic() - run.started)
         self.metrics.held(len(self.runs))
         log.info(
             "%s (token %d) ended %s; recorded %s", run.claim.job, run.claim.token, status, written
