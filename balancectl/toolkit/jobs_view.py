@@ -43,6 +43,14 @@ def last_result(run: dict[str, Any] | None) -> Text:
     return text
 
 
+def state_text(job: dict[str, Any]) -> Text:
+    """The job's state; a paused job's run in progress shows that it will not run again."""
+    text = Text(job["state"], style=STATE_STYLE.get(job["state"], ""))
+    if job.get("paused") and job["state"] == "running":
+        text.append(" (paused)", style=STATE_STYLE["paused"])
+    return text
+
+
 def build_jobs_table(document: dict[str, Any]) -> Table:
     """One row per job: state, node, elapsed or due-in, interval, last result."""
     now = datetime.fromisoformat(document["now"])
@@ -52,7 +60,7 @@ def build_jobs_table(document: dict[str, Any]) -> Table:
     for job in document["jobs"]:
         table.add_row(
             job["name"],
-            Text(job["state"], style=STATE_STYLE.get(job["state"], "")),
+            state_text(job),
             job["node"] or "",
             seconds_text(job["elapsed_seconds"]),
             seconds_text(due_in(job, now)),
