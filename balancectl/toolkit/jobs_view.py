@@ -164,19 +164,17 @@ def call_node(
     base = url.rstrip("/")
     if not base.startswith(("http://", "https://")):
         raise ConfigError(f"--url must start with http:// or https:// (got {url!r})")
-    request = urllib.request.Request(f"{base}{path}", method=method)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        document: dict[str, Any] = json.loads(_send(request, timeout))
+        document: dict[str, Any] = json.loads(_send(f"{base}{path}", method, headers, timeout))
     except ValueError as error:
         raise ConfigError(f"{base}{path} did not answer JSON: is it a balancectl node?") from error
     return document
 
 
-def _send(request: urllib.request.Request, timeout: float) -> bytes:
-    url = request.full_url
+def _send(url: str, method: str, headers: dict[str, str], timeout: float) -> bytes:
     try:
+        request = urllib.request.Request(url, method=method, headers=headers)
         with urllib.request.urlopen(request, timeout=timeout) as response:
             body: bytes = response.read()
     except urllib.error.HTTPError as error:
