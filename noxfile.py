@@ -19,10 +19,11 @@ SOURCES = ("balancectl", "tests", "alembic", "benchmarks", "noxfile.py")
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff: the lint rules, then the formatting, over every Python file."""
-    session.install("ruff>=0.6")
+    """ruff: the lint rules, then the formatting, over every Python file; vulture: no dead code."""
+    session.install("ruff>=0.6", "vulture>=2.11")
     session.run("ruff", "check", *SOURCES)
     session.run("ruff", "format", "--check", *SOURCES)
+    session.run("vulture")  # paths and allowances in pyproject.toml [tool.vulture]
 
 
 @nox.session

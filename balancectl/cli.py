@@ -186,7 +186,6 @@ def serve(
         log_level=log_level,
         pool=PoolSettings(max_size=pool_size, timeout=pool_timeout, prepared_statements=prepare),
         scheduler=SchedulerSettings(
-            jobs_file=jobs_file,
             lease_ttl=lease_ttl,
             poll_interval=poll_interval,
             settle=settle,

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from balancectl.errors import ConfigError
+
+# How long history and idempotency keys are kept (the pruning jobs), defined once.
+HISTORY_RETENTION = 30 * 24 * 3600.0
+IDEMPOTENCY_RETENTION = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,6 @@ class PoolSettings:
 class SchedulerSettings:
     """The in-process scheduler's timing; every lease decision itself uses the database clock."""
 
-    jobs_file: Path | None = None
     lease_ttl: float = 15.0
     poll_interval: float = 1.0
     settle: float = 5.0
@@ -69,7 +71,7 @@ class NodeSettings:
     port: int = 8000
     api_token: str | None = None
     insecure: bool = False
-    idempotency_retention: float = 24 * 3600.0
+    idempotency_retention: float = IDEMPOTENCY_RETENTION
     max_body_bytes: int = 4096
     # HTTP worker processes sharing the node's socket; the node still runs one scheduler.
     workers: int = 1

@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
-from types import TracebackType
 
 from balancectl.config import NodeSettings
 
@@ -96,12 +95,7 @@ class Workers:
             await asyncio.sleep(WATCH_EVERY / 4)
         return True
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *_: object) -> None:
         self.terminate()
         self._reap(STOP_GRACE)
 

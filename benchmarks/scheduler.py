@@ -24,12 +24,9 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -37,9 +34,9 @@ sys.path.insert(0, str(REPO))
 import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
-from balancectl import migrations  # noqa: E402
 from balancectl.sql.loader import query  # noqa: E402
 from balancectl.toolkit.cluster import LocalCluster  # noqa: E402
+from benchmarks.balance import scratch_database  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HISTORY_ROWS = 100_000
@@ -47,22 +44,6 @@ HISTORY_ROWS = 100_000
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-@contextmanager
-def scratch_database(server_url: str) -> Iterator[str]:
-    name = f"balancectl_bench_sched_{int(time.time())}"
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
-    try:
-        migrations.upgrade(url)
-        yield url
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
 
 
 def jobs_file(folder: Path, count: int) -> Path:

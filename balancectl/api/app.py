@@ -14,7 +14,7 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
 import balancectl
-from balancectl.api import balance_routes, jobs_routes, ops_routes
+from balancectl.api import balance_routes, dashboard_routes, jobs_routes, ops_routes
 from balancectl.api.metrics import Metrics, MetricsMiddleware
 from balancectl.api.problems import exception_handlers
 from balancectl.config import NodeSettings
@@ -100,6 +100,11 @@ def create_app(settings: NodeSettings, node_ready: Ready | None = None) -> Lites
             ops_routes.healthz,
             ops_routes.readyz,
             ops_routes.metrics,
+            dashboard_routes.root,
+            dashboard_routes.dashboard_page,
+            dashboard_routes.dashboard_script,
+            dashboard_routes.dashboard_style,
+            dashboard_routes.dashboard_state,
         ],
         dependencies={"db": Provide(resources.database, sync_to_thread=False, use_cache=True)},
         exception_handlers=exception_handlers(),

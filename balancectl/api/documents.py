@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from litestar.enums import ParamType
@@ -92,6 +92,99 @@ class NodeDocument(msgspec.Struct):
 
 class NodesDocument(msgspec.Struct):
     nodes: list[NodeDocument]
+
+
+# --- the dashboard's document (``GET /dashboard``) ----------------------------------------
+
+# What history may hold (see migration 0004), and the two states of a claim in progress.
+RunStatus = Literal[
+    "succeeded", "failed", "lost", "cancelled", "timed_out", "unresponsive", "crashed"
+]
+TimelineStatus = RunStatus | Literal["running", "expired"]
+
+
+class RunCounts(msgspec.Struct):
+    """Runs of one job that finished in the last hour, by status."""
+
+    succeeded: int
+    failed: int
+    lost: int
+    cancelled: int
+    timed_out: int
+    unresponsive: int
+    crashed: int
+
+
+class DashboardJob(msgspec.Struct):
+    """A job as ``GET /jobs`` lists it, with its last hour of runs counted."""
+
+    name: str
+    function: str
+    interval_seconds: float
+    state: Literal["running", "waiting"]
+    node: str | None
+    started_at: str | None
+    elapsed_seconds: float | None
+    next_run_at: str | None
+    last_run: RunDocument | None
+    last_hour: RunCounts
+
+
+class DashboardNode(msgspec.Struct):
+    """A node as ``GET /nodes`` lists it, with the number of leases it holds now."""
+
+    id: str
+    host: str
+    pid: int
+    started_at: str
+    last_seen_at: str
+    alive: bool
+    jobs_held: int
+
+
+class TimelineRun(msgspec.Struct):
+    """One bar of the timeline: a finished run, or a claim in progress (``finished_at`` null)."""
+
+    job: str
+    node: str
+    token: int
+    started_at: str
+    finished_at: str | None
+    status: TimelineStatus
+    error: str | None
+
+
+class AuditResult(msgspec.Struct):
+    """The newest finished run of the ledger audit."""
+
+    job: str
+    status: str
+    finished_at: str
+    error: str | None
+
+
+class MoneyDocument(msgspec.Struct):
+    """The total of the balances against the sum of the ledger (decimal strings, exact)."""
+
+    users: int
+    total_balance: str
+    ledger_sum: str
+    balanced: bool
+    audit: AuditResult | None
+
+
+class DashboardDocument(msgspec.Struct):
+    """Everything the dashboard shows, read in one transaction at the database's ``now``."""
+
+    now: str
+    served_by: str
+    minutes: int
+    lease_ttl_seconds: float
+    jobs: list[DashboardJob]
+    nodes: list[DashboardNode]
+    timeline: list[TimelineRun]
+    timeline_truncated: bool
+    money: MoneyDocument
 
 
 def problem_spec(description: str) -> ResponseSpec:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from litestar import MediaType, Request, Response
+from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.types import ExceptionHandlersMap
 
@@ -87,4 +87,4 @@ def exception_handlers() -> ExceptionHandlersMap:
     }
 
 
-__all__ = ["PROBLEM_JSON", "MediaType", "exception_handlers", "http_problem", "problem_response"]
+__all__ = ["PROBLEM_JSON", "exception_handlers", "http_problem", "problem_response"]

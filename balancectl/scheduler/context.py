@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from balancectl.config import HISTORY_RETENTION, IDEMPOTENCY_RETENTION
 from balancectl.db import Database, Params, Row, Session
 from balancectl.errors import BalancectlError
 
@@ -49,8 +50,8 @@ class JobContext:
     started_at: datetime
     database: Database
     deadline: Callable[[], float]
-    retention_seconds: float = 30 * 24 * 3600.0
-    idempotency_retention_seconds: float = 24 * 3600.0
+    retention_seconds: float = HISTORY_RETENTION
+    idempotency_retention_seconds: float = IDEMPOTENCY_RETENTION
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property

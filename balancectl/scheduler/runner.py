@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
-from balancectl.config import SchedulerSettings
+from balancectl.config import HISTORY_RETENTION, IDEMPOTENCY_RETENTION, SchedulerSettings
 from balancectl.db import Database, first_line
 from balancectl.scheduler.context import JobContext, LeaseLost
 from balancectl.scheduler.metrics import SchedulerMetrics
@@ -81,8 +81,8 @@ class Run:
 class JobRetention:
     """How long the pruning jobs keep history and idempotency keys."""
 
-    history_seconds: float = 30 * 24 * 3600.0
-    idempotency_seconds: float = 24 * 3600.0
+    history_seconds: float = HISTORY_RETENTION
+    idempotency_seconds: float = IDEMPOTENCY_RETENTION
 
 
 class Scheduler:

@@ -2,9 +2,6 @@
 -- Loaded by name through balancectl.queries; parameters use psycopg's %(name)s style.
 -- Time is always the database's now(), never a node's clock.
 
--- name: ping
-SELECT 1 AS ok
-
 -- name: database_now
 SELECT now() AS now
 
@@ -165,8 +162,6 @@ SET host = EXCLUDED.host, pid = EXCLUDED.pid, started_at = now(),
     last_seen_at = now(), stopped_at = NULL
 RETURNING started_at
 
--- name: touch_node
-UPDATE nodes SET last_seen_at = now() WHERE id = %(node)s AND stopped_at IS NULL
 -- name: stop_node
 UPDATE nodes SET stopped_at = now(), last_seen_at = now() WHERE id = %(node)s
 
@@ -426,3 +421,45 @@ LIMIT %(limit)s
 SELECT id, host, pid, started_at, last_seen_at,
        (stopped_at IS NULL AND last_seen_at > now() - make_interval(secs => %(lease_ttl)s)) AS alive
 FROM nodes ORDER BY id
+
+-- name: dashboard_timeline
+-- The runs the dashboard's timeline draws: those that finished in the last `minutes`
+-- minutes (newest first, at most `limit`), and every claim in progress, open-ended:
+-- `running` while its lease holds, `expired` once it ran out and nobody has taken the
+-- job over yet (the takeover records it as lost).
+(SELECT job, node, token, started_at, finished_at, status, error
+ FROM job_runs
+ WHERE finished_at > now() - make_interval(mins => %(minutes)s)
+ ORDER BY finished_at DESC
+ LIMIT %(limit)s)
+UNION ALL
+SELECT name, owner, token, started_at, NULL,
+       CASE WHEN lease_expires_at > now() THEN 'running' ELSE 'expired' END, NULL
+FROM jobs
+WHERE owner IS NOT NULL
+
+-- name: dashboard_summary
+-- One row: the database's now, the runs finished in the last hour by job and status
+-- ({job: {status: n}}), the money (sums as text: they may pass what a JSON number holds
+-- exactly), and the newest finished run of the ledger audit (the jobs whose function is
+-- `audit_function`).
+SELECT now() AS now,
+       (SELECT coalesce(jsonb_object_agg(job, counts), '{}'::jsonb)
+        FROM (SELECT job, jsonb_object_agg(status, runs) AS counts
+              FROM (SELECT job, status, count(*) AS runs FROM job_runs
+                    WHERE finished_at > now() - interval '1 hour'
+                    GROUP BY job, status) by_status
+              GROUP BY job) by_job) AS last_hour,
+       (SELECT count(*) FROM users) AS users,
+       (SELECT coalesce(sum(balance), 0) FROM users)::text AS total_balance,
+       (SELECT coalesce(sum(amount), 0) FROM ledger)::text AS ledger_sum,
+       audit.job AS audit_job, audit.status AS audit_status,
+       audit.finished_at AS audit_finished_at, audit.error AS audit_error
+FROM (VALUES (1)) AS one (x)
+LEFT JOIN LATERAL (
+    SELECT r.job, r.status, r.finished_at, r.error
+    FROM job_runs r JOIN jobs j ON j.name = r.job
+    WHERE j.function = %(audit_function)s
+    ORDER BY r.finished_at DESC, r.id DESC
+    LIMIT 1
+) audit ON true

@@ -40,7 +40,6 @@ __all__ = [
     "fire_burst",
     "judge",
     "percentile",
-    "raise_open_files_limit",
     "report_json",
     "run_loadtest",
 ]

@@ -19,6 +19,7 @@ from aiohttp import web
 from rich.console import Console
 
 from balancectl.errors import ConfigError
+from balancectl.open_files import raise_open_files_limit
 from balancectl.toolkit.loadtest import (
     INSUFFICIENT_FUNDS_TYPE,
     LatencyStats,
@@ -29,7 +30,6 @@ from balancectl.toolkit.loadtest import (
     classify,
     judge,
     percentile,
-    raise_open_files_limit,
     report_json,
     run_loadtest,
 )

@@ -40,3 +40,9 @@ def test_no_sql_outside_the_queries_file() -> None:
         if statement.search(path.read_text())
     ]
     assert offenders == []
+
+
+def test_every_query_is_used_by_the_code() -> None:
+    source = "\n".join(path.read_text() for path in PACKAGE.rglob("*.py"))
+    unused = [name for name in all_queries() if f'"{name}"' not in source]
+    assert unused == []

@@ -1,0 +1,101 @@
+"""What ``GET /dashboard`` answers: jobs, nodes, the timeline and the money, at one instant.
+
+Every statement runs in one transaction on one connection, so every time in the document
+comes from the same database ``now()`` (a transaction's ``now()`` does not move), whichever
+node answers. The jobs and the nodes are the typed listing of ``GET /jobs`` and ``GET /nodes``
+(``balancectl.scheduler.listing``), with the counts the dashboard adds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from balancectl.db import Database, Row, Session
+from balancectl.scheduler import listing
+
+AUDIT_FUNCTION = "balancectl.jobs.builtin:ledger_audit"
+TIMELINE_LIMIT = 2000  # finished runs drawn at most; the document says when more were left off
+# Every status history may hold (job_runs_status); a count of 0 is listed too.
+STATUSES = ("succeeded", "failed", "lost", "cancelled", "timed_out", "unresponsive", "crashed")
+
+
+async def dashboard_document(
+    db: Database, node_id: str, lease_ttl: float, minutes: int
+) -> dict[str, Any]:
+    """The dashboard's document, JSON-ready (see ``DashboardDocument``)."""
+    async with db.transaction() as session:
+        jobs = await session.fetch_all("list_jobs")
+        nodes = await session.fetch_all("list_nodes", {"lease_ttl": lease_ttl})
+        timeline = await timeline_rows(session, minutes)
+        summary = await session.fetch_one("dashboard_summary", {"audit_function": AUDIT_FUNCTION})
+    assert summary is not None, "dashboard_summary always answers one row"
+    finished = [row for row in timeline if row["finished_at"] is not None]
+    return {
+        "now": listing.iso(summary["now"]),
+        "served_by": node_id,
+        "minutes": minutes,
+        "lease_ttl_seconds": lease_ttl,
+        "jobs": [job_entry(row, summary["last_hour"]) for row in jobs],
+        "nodes": [node_entry(row, jobs) for row in nodes],
+        "timeline": [timeline_entry(row) for row in timeline],
+        "timeline_truncated": len(finished) >= TIMELINE_LIMIT,
+        "money": money_entry(summary),
+    }
+
+
+async def timeline_rows(session: Session, minutes: int) -> list[Row]:
+    params = {"minutes": minutes, "limit": TIMELINE_LIMIT}
+    return await session.fetch_all("dashboard_timeline", params)
+
+
+def job_entry(row: Row, last_hour: dict[str, dict[str, int]]) -> dict[str, Any]:
+    counts = last_hour.get(row["name"], {})
+    return {
+        **listing.job_document(row),
+        "last_hour": {status: int(counts.get(status, 0)) for status in STATUSES},
+    }
+
+
+def node_entry(row: Row, jobs: list[Row]) -> dict[str, Any]:
+    """A node of ``GET /nodes`` and how many leases it holds now (running jobs it owns)."""
+    held = sum(1 for job in jobs if job["running"] and job["owner"] == row["id"])
+    return {
+        "id": row["id"],
+        "host": row["host"],
+        "pid": int(row["pid"]),
+        "started_at": listing.iso(row["started_at"]),
+        "last_seen_at": listing.iso(row["last_seen_at"]),
+        "alive": bool(row["alive"]),
+        "jobs_held": held,
+    }
+
+
+def timeline_entry(row: Row) -> dict[str, Any]:
+    return {
+        "job": row["job"],
+        "node": row["node"],
+        "token": int(row["token"]),
+        "started_at": listing.iso(row["started_at"]),
+        "finished_at": listing.iso(row["finished_at"]),
+        "status": row["status"],
+        "error": row["error"],
+    }
+
+
+def money_entry(summary: Row) -> dict[str, Any]:
+    audit = None
+    if summary["audit_job"] is not None:
+        audit = {
+            "job": summary["audit_job"],
+            "status": summary["audit_status"],
+            "finished_at": listing.iso(summary["audit_finished_at"]),
+            "error": summary["audit_error"],
+        }
+    total, ledger = summary["total_balance"], summary["ledger_sum"]
+    return {
+        "users": int(summary["users"]),
+        "total_balance": total,
+        "ledger_sum": ledger,
+        "balanced": int(total) == int(ledger),
+        "audit": audit,
+    }
