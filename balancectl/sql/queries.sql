@@ -302,8 +302,8 @@ WITH renewed AS (
 )
 SELECT now() AS now, (SELECT count(*) FROM heartbeat) AS seen,
        (SELECT count(*) FROM unknown) AS released,
-       coalesce((SELECT array_agg(name) FROM renewed), '{}') AS renewed,
-       coalesce((SELECT array_agg(name) FROM renewed WHERE stop), '{}') AS stop
+       coalesce((SELECT array_agg(name) FROM renewed), ARRAY[]::text[]) AS renewed,
+       coalesce((SELECT array_agg(name) FROM renewed WHERE stop), ARRAY[]::text[]) AS stop
 
 -- name: finish_run
 -- Records a claim's run once and releases the job, only under its token.
@@ -440,11 +440,11 @@ WHERE owner IS NOT NULL
 
 -- name: dashboard_summary
 -- One row: the database's now, the runs finished in the last hour by job and status
--- ({job: {status: n}}), the money (sums as text: they may pass what a JSON number holds
+-- (a JSON object: job -> status -> count), the money (sums as text: they may pass what a JSON number holds
 -- exactly), and the newest finished run of the ledger audit (the jobs whose function is
 -- `audit_function`).
 SELECT now() AS now,
-       (SELECT coalesce(jsonb_object_agg(job, counts), '{}'::jsonb)
+       (SELECT coalesce(jsonb_object_agg(job, counts), jsonb_build_object())
         FROM (SELECT job, jsonb_object_agg(status, runs) AS counts
               FROM (SELECT job, status, count(*) AS runs FROM job_runs
                     WHERE finished_at > now() - interval '1 hour'

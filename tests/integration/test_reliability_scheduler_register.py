@@ -46,7 +46,7 @@ async def register_through(proxy: CountingProxy, url: str) -> int:
     db = Database(urlunsplit(parts._replace(netloc=netloc)), PoolSettings(min_size=1, max_size=1))
     await db.open(wait=True)
     try:
-        await db.fetch_one("ping")  # the connection is set up; count from here
+        await db.fetch_one("database_now")  # the connection is set up; count from here
         before = proxy.sent
         specs = parse_jobs("\n".join(TABLE.format(n) for n in range(5)), "inline")
         await SchedulerStore(db, "n1", 3.0).register_jobs(specs)
