@@ -306,8 +306,31 @@ def run_and_report(config: LoadtestConfig, json_out: Path | None) -> bool:
     return bool(report.passed)
 
 
-@app.command()
+jobs_app = typer.Typer(
+    help="The cluster's jobs as a table (live with --watch); subcommands act on one job.",
+    pretty_exceptions_enable=False,
+)
+app.add_typer(jobs_app, name="jobs")
+DEFAULT_NODE = "http://127.0.0.1:8000"
+NodeUrl = Annotated[
+    str | None,
+    typer.Option(
+        envvar=env("url"),
+        help=f"The node to ask (default: `jobs --url`, else {DEFAULT_NODE}).",
+        show_default=False,
+    ),
+]
+ApiToken = Annotated[
+    str | None,
+    typer.Option(envvar=env("api-token"), help="The node's API token, for run/pause/resume."),
+]
+JobName = Annotated[str, typer.Argument(help="The job's name, as in the jobs file.")]
+JsonOutput = Annotated[bool, typer.Option("--json", help="Print the node's answer as JSON.")]
+
+
+@jobs_app.callback(invoke_without_command=True)
 def jobs(
+    ctx: typer.Context,
     url: Annotated[
         str | None, typer.Option(envvar=env("url"), help="A node to ask (else the database).")
     ] = None,
@@ -316,7 +339,10 @@ def jobs(
     interval: Annotated[float, typer.Option(min=0.2, help="Refresh period, seconds.")] = 1.0,
     json_output: Annotated[bool, typer.Option("--json", help="Print GET /jobs as JSON.")] = False,
 ) -> None:
-    """The cluster's jobs as a table (live with --watch)."""
+    """The cluster's jobs as a table (live with --watch); subcommands act on one job."""
+    ctx.obj = url  # the node the subcommands ask when they are given no --url
+    if ctx.invoked_subcommand is not None:
+        return
     from balancectl.toolkit.jobs_view import build_jobs_table
 
     fetch = jobs_source(url, database_url)
@@ -338,6 +364,96 @@ def jobs(
     finally:
         if not out.is_terminal:
             out.line()  # a live display ends its last frame without a newline off a terminal
+
+
+def node_url(ctx: typer.Context, url: str | None) -> str:
+    """A subcommand's node: its own --url, else the group's, else the default port."""
+    return url or (ctx.obj if isinstance(ctx.obj, str) else None) or DEFAULT_NODE
+
+
+def act_on_job(ctx: typer.Context, verb: str, name: str, url: str | None,
+               token: str | None, json_output: bool) -> None:  # fmt: skip
+    from balancectl.toolkit.jobs_view import control, verb_summary
+
+    job = control(node_url(ctx, url), verb, name, token)
+    if json_output:
+        out.print_json(data=job)
+    else:
+        out.print(verb_summary(verb, job), soft_wrap=True, highlight=False, markup=False)
+
+
+@jobs_app.command("run")
+def jobs_run(
+    ctx: typer.Context,
+    name: JobName,
+    url: NodeUrl = None,
+    api_token: ApiToken = None,
+    json_output: JsonOutput = False,
+) -> None:
+    """Make the job due now; a running job is due again as soon as its run ends (never two)."""
+    act_on_job(ctx, "run", name, url, api_token, json_output)
+
+
+@jobs_app.command("pause")
+def jobs_pause(
+    ctx: typer.Context,
+    name: JobName,
+    stop: Annotated[
+        bool, typer.Option("--stop", help="Also stop the run in progress (recorded cancelled).")
+    ] = False,
+    url: NodeUrl = None,
+    api_token: ApiToken = None,
+    json_output: JsonOutput = False,
+) -> None:
+    """Never claim the job until resumed; a run in progress finishes, unless --stop."""
+    act_on_job(ctx, "pause-stop" if stop else "pause", name, url, api_token, json_output)
+
+
+@jobs_app.command("resume")
+def jobs_resume(
+    ctx: typer.Context,
+    name: JobName,
+    url: NodeUrl = None,
+    api_token: ApiToken = None,
+    json_output: JsonOutput = False,
+) -> None:
+    """Let a paused job be claimed again; an overdue one is due at once."""
+    act_on_job(ctx, "resume", name, url, api_token, json_output)
+
+
+@jobs_app.command("history")
+def jobs_history(
+    ctx: typer.Context,
+    name: JobName,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="At most this many runs.")] = 20,
+    url: NodeUrl = None,
+    api_token: ApiToken = None,
+    json_output: JsonOutput = False,
+) -> None:
+    """The job's finished runs, newest first (GET /jobs/history)."""
+    from balancectl.toolkit.jobs_view import build_history_table, fetch_history
+
+    document = fetch_history(node_url(ctx, url), name, limit, api_token)
+    if json_output:
+        out.print_json(data=document)
+    else:
+        out.print(build_history_table(document, name))
+
+
+@app.command()
+def nodes(
+    url: NodeUrl = None,
+    api_token: ApiToken = None,
+    json_output: JsonOutput = False,
+) -> None:
+    """Every node that has run: alive or gone, host, pid, since when (GET /nodes)."""
+    from balancectl.toolkit.jobs_view import build_nodes_table, fetch_nodes
+
+    document = fetch_nodes(url or DEFAULT_NODE, api_token)
+    if json_output:
+        out.print_json(data=document)
+    else:
+        out.print(build_nodes_table(document))
 
 
 def jobs_source(url: str | None, database_url: str | None) -> Callable[[], dict[str, Any]]:

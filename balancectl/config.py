@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
 from balancectl.errors import ConfigError
@@ -102,3 +103,14 @@ def check_database_url(url: str) -> None:
 
 def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def worker_pool(settings: NodeSettings) -> PoolSettings:
+    """This worker's share of the node's request connections (``--pool-size`` is per node).
+
+    A node holds ``pool-size`` request connections however many workers it runs (each
+    gets ``ceil(pool-size / workers)``, at least one), so the connection arithmetic of a
+    cluster does not grow with the CPU count: docs/operations.md.
+    """
+    share = max(1, math.ceil(settings.pool.max_size / settings.workers))
+    return replace(settings.pool, max_size=share, min_size=min(settings.pool.min_size, share))

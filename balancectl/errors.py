@@ -36,6 +36,14 @@ class IdempotencyKeyReused(BalancectlError):
     slug, status, title = "idempotency-key-reused", 422, "Idempotency key reused"
 
 
+class JobNotFound(BalancectlError):
+    slug, status, title = "job-not-found", 404, "Job not found"
+
+
+class JobPaused(BalancectlError):
+    slug, status, title = "job-paused", 409, "Job paused"
+
+
 class Unavailable(BalancectlError):
     slug, status, title = "unavailable", 503, "Service unavailable"
 

@@ -18,14 +18,14 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 
 from balancectl import migrations
-from balancectl.config import NodeSettings, PoolSettings
+from balancectl.config import NodeSettings, PoolSettings, worker_pool
 from balancectl.db import Database, TooManyConnections, refusal, server_max_connections
 from balancectl.errors import ConfigError
 from balancectl.logs import configure_logging
 from balancectl.open_files import raise_open_files_limit
 from balancectl.scheduler import JobRetention, JobSpec, Scheduler, SchedulerStore
-from balancectl.worker import worker_pool
-from balancectl.workers import Workers, WorkersFailed
+from balancectl.scheduler.metrics import SchedulerMetrics
+from balancectl.workers import Workers, WorkersFailed, metrics_folder
 
 log = logging.getLogger("balancectl.node")
 SOMAXCONN = "/proc/sys/net/core/somaxconn"
@@ -73,7 +73,8 @@ def serve(settings: NodeSettings, specs: Sequence[JobSpec], db_wait: float = 30.
     migrate(settings, specs, db_wait)
     limit = server_max_connections(settings.database_url)
     try:
-        received = asyncio.run(supervise(settings, specs, sock))
+        with metrics_folder(settings.node_id):
+            received = asyncio.run(supervise(settings, specs, sock))
     except WorkersFailed as error:
         raise ConfigError(f"node {settings.node_id} cannot serve: {error}") from error
     except TooManyConnections as error:
@@ -195,7 +196,8 @@ async def scheduled(settings: NodeSettings, specs: Sequence[JobSpec]) -> AsyncIt
     ):
         store = SchedulerStore(db, settings.node_id, settings.scheduler.lease_ttl)
         retention = JobRetention(idempotency_seconds=settings.idempotency_retention)
-        scheduler = Scheduler(store, specs, settings.scheduler, job_db, retention)
+        metrics = SchedulerMetrics()  # after metrics_folder(): samples go to the folder
+        scheduler = Scheduler(store, specs, settings.scheduler, job_db, retention, metrics)
         await scheduler.start()
         try:
             yield

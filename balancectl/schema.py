@@ -66,6 +66,10 @@ jobs = sa.Table(
     sa.Column("token", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=True),
+    # Set by an operator's pause (database clock): the job is not claimed until resumed.
+    sa.Column("paused_at", sa.DateTime(timezone=True), nullable=True),
+    # The run (fencing token) an operator's pause asked to stop; its node cancels it.
+    sa.Column("stop_token", sa.BigInteger, nullable=True),
     sa.CheckConstraint("interval_seconds > 0", name="jobs_interval_positive"),
     sa.Index("jobs_owner", "owner"),
 )

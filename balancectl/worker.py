@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import math
 import os
 import signal
 import socket
@@ -23,7 +22,7 @@ from litestar import Litestar
 
 from balancectl.api import create_app
 from balancectl.api.http_limits import GuardedHttpToolsProtocol
-from balancectl.config import NodeSettings, PoolSettings
+from balancectl.config import NodeSettings, worker_pool
 from balancectl.db import Database, TooManyConnections
 from balancectl.logs import configure_logging
 
@@ -38,17 +37,6 @@ def die_with_parent(parent_pid: int) -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:  # the parent ended before the line above ran
         os._exit(1)
-
-
-def worker_pool(settings: NodeSettings) -> PoolSettings:
-    """This worker's share of the node's request connections (``--pool-size`` is per node).
-
-    A node holds ``pool-size`` request connections however many workers it runs (each
-    gets ``ceil(pool-size / workers)``, at least one), so the connection arithmetic of a
-    cluster does not grow with the CPU count: docs/operations.md.
-    """
-    share = max(1, math.ceil(settings.pool.max_size / settings.workers))
-    return replace(settings.pool, max_size=share, min_size=min(settings.pool.min_size, share))
 
 
 def uvicorn_config(settings: NodeSettings, node_ready: Event | None = None) -> uvicorn.Config:

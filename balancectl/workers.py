@@ -1,9 +1,11 @@
 """A node's HTTP worker processes: start W on the shared socket, restart one that dies, stop all.
 
 Workers are started with the ``spawn`` method (a clean interpreter each, no state copied
-from the supervisor's event loop or pools). Their Prometheus samples go to a folder of
-the node's own (prometheus_client's multiprocess mode), so ``/metrics`` on any worker
-counts every request of the node exactly once.
+from the supervisor's event loop or pools). Their Prometheus samples go to the node's
+metrics folder (prometheus_client's multiprocess mode, ``metrics_folder``), as do the
+supervisor's scheduler samples, so ``/metrics`` on any worker counts every request of
+the node exactly once and shows its scheduler. This module imports neither the app nor
+prometheus_client at import time: the supervisor must set the folder first.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from multiprocessing.process import BaseProcess
 from multiprocessing.queues import SimpleQueue
 from multiprocessing.synchronize import Event
 
 from balancectl.config import NodeSettings
 from balancectl.db import TooManyConnections
-from balancectl.worker import run_worker
 
 log = logging.getLogger("balancectl.workers")
 METRICS_FOLDER = "PROMETHEUS_MULTIPROC_DIR"
@@ -31,6 +34,27 @@ STARTUP_TIMEOUT = 120.0
 STOP_GRACE = 15.0  # uvicorn drains for 10 s; then stragglers are killed
 # A worker that keeps dying is a broken node, not bad luck: give up rather than spin.
 MAX_RESTARTS, RESTART_WINDOW = 5, 60.0
+
+
+@contextmanager
+def metrics_folder(node_id: str) -> Iterator[str]:
+    """The node's metrics folder, in the environment for the node's whole life.
+
+    prometheus_client chooses how it stores values when it is first imported, so this
+    must come before that import in the supervisor (whose scheduler writes samples
+    too); every worker spawned meanwhile inherits it.
+    """
+    folder = tempfile.mkdtemp(prefix=f"balancectl-{node_id}-metrics-")
+    before = os.environ.get(METRICS_FOLDER)
+    os.environ[METRICS_FOLDER] = folder
+    try:
+        yield folder
+    finally:
+        if before is None:
+            os.environ.pop(METRICS_FOLDER, None)
+        else:
+            os.environ[METRICS_FOLDER] = before
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class WorkersFailed(RuntimeError):
@@ -53,8 +77,9 @@ class Workers:
         self._folder = ""
 
     def __enter__(self) -> Workers:
-        self._folder = tempfile.mkdtemp(prefix=f"balancectl-{self.settings.node_id}-metrics-")
-        os.environ[METRICS_FOLDER] = self._folder  # inherited by every worker spawned below
+        self._folder = os.environ.get(METRICS_FOLDER, "")  # set by metrics_folder()
+        if not self._folder:
+            raise RuntimeError("Workers need the node's metrics folder (metrics_folder)")
         self.started = [self._context.Event() for _ in range(self.settings.workers)]
         self.processes = [self._spawn(index) for index in range(self.settings.workers)]
         return self
@@ -79,9 +104,10 @@ class Workers:
     def __exit__(self, *_: object) -> None:
         self.terminate()
         self._reap(STOP_GRACE)
-        shutil.rmtree(self._folder, ignore_errors=True)
 
     def _spawn(self, index: int) -> BaseProcess:
+        from balancectl.worker import run_worker  # imports the app: after metrics_folder()
+
         process = self._context.Process(
             target=run_worker,
             args=(

@@ -69,6 +69,7 @@ class JobDocument(msgspec.Struct):
     elapsed_seconds: float | None
     next_run_at: str | None
     last_run: RunDocument | None
+    paused: bool = False
 
 
 class JobsDocument(msgspec.Struct):

@@ -4,23 +4,31 @@ A node's workers write their samples to the node's metrics folder (prometheus_cl
 multiprocess mode, set up by ``balancectl.workers``), so ``/metrics`` on any worker
 counts every request of the node once. Label children are bound once per label set,
 so counting a request costs two increments, not a label lookup each.
+
+The node's supervisor writes its scheduler's samples to the same folder
+(``balancectl.scheduler.metrics``). The age of its last lease renewal is computed here,
+at scrape time, from the timestamp it wrote: a frozen supervisor cannot update a gauge,
+and that is exactly when the age matters.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from balancectl.db import Database
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 METRICS_FOLDER = "PROMETHEUS_MULTIPROC_DIR"
+LAST_RENEWAL = "balancectl_scheduler_last_renewal_timestamp_seconds"
 
 
 class Metrics:
@@ -78,8 +86,34 @@ class Metrics:
         if not folder:
             return generate_latest(self.registry)
         node = CollectorRegistry()
-        MultiProcessCollector(node, path=folder)  # type: ignore[no-untyped-call]
+        node.register(NodeCollector(folder))
         return generate_latest(node)
+
+
+class NodeCollector:
+    """Every sample of the node's folder, and the age of the scheduler's last renewal."""
+
+    def __init__(self, folder: str) -> None:
+        self.files = MultiProcessCollector(None, path=folder)  # type: ignore[no-untyped-call]
+
+    def collect(self) -> Iterator[Metric]:
+        families: list[Metric] = list(self.files.collect())  # type: ignore[no-untyped-call]
+        yield from families
+        renewed = last_value(families, LAST_RENEWAL)
+        if renewed is not None:
+            yield GaugeMetricFamily(
+                "balancectl_scheduler_seconds_since_renewal",
+                "Seconds since this node's scheduler last renewed its leases and heartbeat",
+                value=max(0.0, time.time() - renewed),
+            )
+
+
+def last_value(families: Iterable[Metric], name: str) -> float | None:
+    for family in families:
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    return None
 
 
 class MetricsMiddleware:

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from balancectl.db import Database, Row
+from balancectl.errors import JobNotFound
 
 
 def iso(value: datetime | None) -> str | None:
@@ -30,13 +31,21 @@ def run_document(row: Row, prefix: str = "") -> dict[str, Any] | None:
     }
 
 
+def job_state(running: bool, paused: bool) -> str:
+    """``running`` (a paused job's run in progress finishes), else ``paused`` or ``waiting``."""
+    if running:
+        return "running"
+    return "paused" if paused else "waiting"
+
+
 def job_document(row: Row) -> dict[str, Any]:
-    running = bool(row["running"])
+    running, paused = bool(row["running"]), row["paused_at"] is not None
     return {
         "name": row["name"],
         "function": row["function"],
         "interval_seconds": float(row["interval_seconds"]),
-        "state": "running" if running else "waiting",
+        "state": job_state(running, paused),
+        "paused": paused,
         "node": row["owner"] if running else None,
         "started_at": iso(row["started_at"]) if running else None,
         "elapsed_seconds": round(float(row["elapsed_seconds"]), 3) if running else None,
@@ -50,6 +59,15 @@ async def jobs_document(db: Database) -> dict[str, Any]:
     rows = await db.fetch_all("list_jobs")
     now = rows[0]["now"] if rows else (await db.fetch_one("database_now") or {}).get("now")
     return {"now": iso(now), "jobs": [job_document(row) for row in rows]}
+
+
+async def job_named(db: Database, name: str) -> dict[str, Any]:
+    """One job as ``GET /jobs`` lists it; ``JobNotFound`` if none has that name."""
+    jobs: list[dict[str, Any]] = (await jobs_document(db))["jobs"]
+    for job in jobs:
+        if job["name"] == name:
+            return job
+    raise JobNotFound(f"no job is named {name!r}")
 
 
 async def history_document(

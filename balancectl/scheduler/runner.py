@@ -30,10 +30,12 @@ from typing import Any, TypeVar
 from balancectl.config import HISTORY_RETENTION, IDEMPOTENCY_RETENTION, SchedulerSettings
 from balancectl.db import Database, first_line
 from balancectl.scheduler.context import JobContext, LeaseLost
+from balancectl.scheduler.metrics import SchedulerMetrics
 from balancectl.scheduler.registry import JobSpec
 from balancectl.scheduler.store import Claim, Renewal, SchedulerStore
 
 log = logging.getLogger("balancectl.scheduler")
+STOPPED_BY_PAUSE = "stopped by an operator's pause (pause --stop)"
 T = TypeVar("T")
 
 
@@ -93,8 +95,10 @@ class Scheduler:
         settings: SchedulerSettings,
         job_db: Database,
         retention: JobRetention | None = None,
+        metrics: SchedulerMetrics | None = None,
     ) -> None:
         self.store, self.settings, self.job_db = store, settings, job_db
+        self.metrics = metrics or SchedulerMetrics()
         self.specs = {spec.name: spec for spec in specs}
         self.retention = retention or JobRetention()
         self.runs: dict[str, Run] = {}
@@ -130,6 +134,7 @@ class Scheduler:
         await self.store.register_node()
         await self.store.register_jobs(list(self.specs.values()))
         self._connected_since = self._last_renewed = time.monotonic()
+        self.metrics.renewed()  # registering the node heartbeats it
         self._loops = [
             asyncio.create_task(self._claim_loop(), name="scheduler-claim"),
             asyncio.create_task(self._renew_loop(), name="scheduler-renew"),
@@ -208,6 +213,8 @@ class Scheduler:
         )
         self.runs[claim.job] = run
         run.task = asyncio.create_task(self._execute(run), name=f"job-{claim.job}")
+        self.metrics.claimed(claim.job, claim.started_at, claim.due_at, claim.took_over)
+        self.metrics.held(len(self.runs))
         log.info("claimed %s (token %d)", claim.job, claim.token)
 
     # ------------------------------------------------------------------ running
@@ -248,6 +255,9 @@ class Scheduler:
         )
         if self.runs.get(run.claim.job) is run:
             del self.runs[run.claim.job]
+        decided = run.stop_reason or status  # "lost" even when given up as unresponsive
+        self.metrics.recorded(run.claim.job, decided, written, time.monotonic() - run.started)
+        self.metrics.held(len(self.runs))
         log.info(
             "%s (token %d) ended %s; recorded %s", run.claim.job, run.claim.token, status, written
         )
@@ -273,6 +283,9 @@ class Scheduler:
                 continue
             if name in renewal.renewed:
                 run.deadline = sent + self.settings.lease_ttl - self.margin
+                if name in renewal.stop:
+                    log.info("%s (token %d) is paused with a stop; stopping it", name, token)
+                    run.stop("cancelled", STOPPED_BY_PAUSE)
             else:
                 log.warning("lease of %s (token %d) is gone; stopping it", name, token)
                 run.stop("lost", "the lease was gone at its renewal")
@@ -287,6 +300,7 @@ class Scheduler:
             self._lost_touch_at = None if self._clock is None else self._clock[1]
             self._recovered_by = sent + self.settings.settle + self.settings.lease_ttl
         self._last_renewed = sent
+        self.metrics.renewed()
         if renewal.released:
             log.warning("released %d lease(s) whose claim answer never arrived", renewal.released)
         if self._clock is not None:

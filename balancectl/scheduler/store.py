@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from balancectl.db import Database, Row
@@ -21,15 +21,19 @@ class Claim:
     token: int
     started_at: datetime
     min_duration: float
+    due_at: datetime | None = None  # when it became claimable: due, or its lease expired
+    took_over: bool = False  # the claim took an expired lease of another run over
 
 
 @dataclass(frozen=True)
 class Renewal:
-    """One renewal's answer: the database's clock, the leases extended, unknown ones freed."""
+    """One renewal's answer: the database's clock, the leases extended, unknown ones freed,
+    and the renewed runs an operator's pause asked to stop."""
 
     now: datetime
     renewed: set[str]
     released: int
+    stop: set[str] = field(default_factory=set)
 
 
 class SchedulerStore:
@@ -97,7 +101,12 @@ class SchedulerStore:
             },
         )
         assert row is not None  # an aggregate query: always one row
-        return Renewal(row["now"], {str(name) for name in row["renewed"]}, int(row["released"]))
+        return Renewal(
+            row["now"],
+            {str(name) for name in row["renewed"]},
+            int(row["released"]),
+            {str(name) for name in row["stop"]},
+        )
 
     async def finish(
         self, job: str, token: int, status: str, error: str | None, work_done: bool = False
@@ -124,4 +133,6 @@ def claim_of(row: Row) -> Claim:
         token=int(row["token"]),
         started_at=row["started_at"],
         min_duration=float(row["min_duration_seconds"]),
+        due_at=row.get("due_at"),
+        took_over=bool(row.get("took_over")),
     )

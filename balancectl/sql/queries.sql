@@ -197,9 +197,12 @@ WHERE (jobs.function, jobs.interval_seconds, jobs.min_duration_seconds)
 -- be taken by any node that has itself been connected that long (`may_starve`,
 -- measured by the node on its monotonic clock), so a stuck peer cannot starve it;
 -- the wait counts from when the last join's settle window closed.
+-- A paused job (paused_at set by pause_job) is never claimed.
 -- Increments the fencing token; records the expired claim's run as lost. A row
 -- locked by a fenced write of the previous run is skipped until that commits;
--- started_at is read after the lock, so it is later than that commit.
+-- started_at is read after the lock, so it is later than that commit. Also returns
+-- when the job became claimable (`due_at`) and whether the claim took an expired
+-- lease over (`took_over`), for the scheduler's metrics.
 WITH alive AS (
     SELECT id, started_at AS joined FROM nodes
     WHERE stopped_at IS NULL
@@ -215,10 +218,11 @@ WITH alive AS (
     SELECT count(*) AS running FROM jobs
     WHERE owner = %(node)s AND lease_expires_at > now()
 ), candidate AS (
-    SELECT name, owner, token, started_at, lease_expires_at
+    SELECT name, owner, token, started_at, lease_expires_at, next_run_at
     FROM jobs
     WHERE name = ANY(%(names)s::text[])
       AND next_run_at <= now()
+      AND paused_at IS NULL
       AND (owner IS NULL OR lease_expires_at <= now())
       AND (((SELECT running FROM mine) <= coalesce((SELECT min(running) FROM loads), 0)
             AND NOT EXISTS (SELECT 1 FROM alive
@@ -268,7 +272,9 @@ WITH alive AS (
     FROM expired e
     ON CONFLICT (job, token) DO NOTHING
 )
-SELECT name, function, token, started_at, min_duration_seconds FROM claimed
+SELECT cl.name, cl.function, cl.token, cl.started_at, cl.min_duration_seconds,
+       greatest(c.next_run_at, c.lease_expires_at) AS due_at, c.owner IS NOT NULL AS took_over
+FROM claimed cl JOIN candidate c ON c.name = cl.name
 -- name: renew_leases
 -- One statement per renewal period: extends only the leases this node still holds
 -- under the given tokens, heartbeats the node, and returns the database's now()
@@ -276,14 +282,16 @@ SELECT name, function, token, started_at, min_duration_seconds FROM claimed
 -- A lease this node holds but does not know of (`known`: every run it has, renewed
 -- or not; a claim whose answer never arrived in time) is released without a history
 -- row, since it never ran; only once it is older than `claim_deadline`, after which
--- the node drops any answer.
+-- the node drops any answer. `stop`: the renewed runs an operator's pause asked to
+-- stop (pause_job_stop); the node stops them and records them cancelled, renewing
+-- their leases until then.
 WITH renewed AS (
     UPDATE jobs j
     SET lease_expires_at = now() + make_interval(secs => %(lease_ttl)s)
     FROM unnest(%(names)s::text[], %(tokens)s::bigint[]) AS held(name, token)
     WHERE j.name = held.name AND j.token = held.token
       AND j.owner = %(node)s AND j.lease_expires_at > now()
-    RETURNING j.name
+    RETURNING j.name, j.stop_token IS NOT DISTINCT FROM held.token AS stop
 ), unknown AS (
     UPDATE jobs j
     SET owner = NULL, lease_expires_at = NULL
@@ -297,7 +305,8 @@ WITH renewed AS (
 )
 SELECT now() AS now, (SELECT count(*) FROM heartbeat) AS seen,
        (SELECT count(*) FROM unknown) AS released,
-       coalesce((SELECT array_agg(name) FROM renewed), ARRAY[]::text[]) AS renewed
+       coalesce((SELECT array_agg(name) FROM renewed), ARRAY[]::text[]) AS renewed,
+       coalesce((SELECT array_agg(name) FROM renewed WHERE stop), ARRAY[]::text[]) AS stop
 
 -- name: finish_run
 -- Records a claim's run once and releases the job, only under its token.
@@ -306,9 +315,12 @@ SELECT now() AS now, (SELECT count(*) FROM heartbeat) AS seen,
 -- and the job is due no sooner than the lease's expiry, so no runs overlap (a lost
 -- run is due again then; one that misbehaved keeps its interval). A run cancelled
 -- after its work was done (waiting out min_duration) keeps its interval too.
+-- A run asked for while this one ran (run_job_now moved next_run_at past its start,
+-- which a claim never leaves it) is due at once instead of after the interval.
 WITH held AS (
     SELECT name, token, started_at, lease_expires_at, interval_seconds,
            (lease_expires_at <= now()) AS expired,
+           (next_run_at > started_at) AS requested,
            %(status)s IN ('lost', 'timed_out', 'unresponsive', 'crashed') AS gave_up
     FROM jobs
     WHERE name = %(job)s AND token = %(token)s AND owner = %(node)s
@@ -318,9 +330,11 @@ WITH held AS (
     SET owner = NULL, lease_expires_at = NULL,
         next_run_at = CASE
             WHEN h.expired OR %(status)s = 'lost' THEN greatest(h.lease_expires_at, now())
-            WHEN h.gave_up THEN greatest(h.started_at + make_interval(secs => h.interval_seconds),
-                                         h.lease_expires_at, now())
-            WHEN %(status)s = 'cancelled' AND NOT %(work_done)s THEN now()
+            WHEN h.gave_up THEN greatest(CASE WHEN h.requested THEN now()
+                                              ELSE h.started_at
+                                                   + make_interval(secs => h.interval_seconds)
+                                         END, h.lease_expires_at, now())
+            WHEN h.requested OR (%(status)s = 'cancelled' AND NOT %(work_done)s) THEN now()
             ELSE greatest(h.started_at + make_interval(secs => h.interval_seconds), now())
         END
     FROM held h
@@ -338,7 +352,7 @@ ON CONFLICT (job, token) DO NOTHING
 RETURNING id, status
 -- name: list_jobs
 SELECT now() AS now, j.name, j.function, j.interval_seconds,
-       (j.owner IS NOT NULL AND j.lease_expires_at > now()) AS running,
+       (j.owner IS NOT NULL AND j.lease_expires_at > now()) AS running, j.paused_at,
        j.owner, j.started_at, extract(epoch FROM now() - j.started_at)::float8 AS elapsed_seconds,
        j.next_run_at,
        r.id AS run_id, r.node AS run_node, r.token AS run_token, r.started_at AS run_started_at,
@@ -350,6 +364,53 @@ LEFT JOIN LATERAL (
     ORDER BY started_at DESC, id DESC LIMIT 1
 ) r ON true
 ORDER BY j.name
+
+-- name: run_job_now
+-- An operator's "run it now", one statement. A waiting job becomes due at once; a
+-- running one keeps its run, and next_run_at moves just past that run's start, which
+-- finish_run reads as "due again as soon as this run ends" (a claim only ever takes a
+-- job whose next_run_at is before its new started_at). A paused job is left as it is
+-- (the caller answers 409).
+UPDATE jobs
+SET next_run_at = CASE
+    WHEN paused_at IS NOT NULL THEN next_run_at
+    WHEN owner IS NOT NULL AND lease_expires_at > now()
+        THEN greatest(next_run_at, now(), started_at + interval '1 microsecond')
+    ELSE least(next_run_at, now())
+END
+WHERE name = %(job)s
+RETURNING name, paused_at IS NOT NULL AS paused
+
+-- name: pause_job
+-- A paused job is never claimed (claim_job); a run in progress finishes as usual.
+UPDATE jobs SET paused_at = coalesce(paused_at, now())
+WHERE name = %(job)s
+RETURNING name, paused_at IS NOT NULL AS paused
+
+-- name: pause_job_stop
+-- The same pause, and the run in progress (if any) is to stop: its node reads
+-- stop_token at its next renewal (renew_leases) and records the run cancelled.
+UPDATE jobs
+SET paused_at = coalesce(paused_at, now()),
+    stop_token = CASE WHEN owner IS NOT NULL AND lease_expires_at > now() THEN token
+                      ELSE stop_token END
+WHERE name = %(job)s
+RETURNING name, paused_at IS NOT NULL AS paused
+
+-- name: resume_job
+-- An overdue job becomes due from now, so its paused time does not count as starving
+-- (claim_job's starve_after); a running job's next_run_at is left alone (finish_run
+-- reads it).
+UPDATE jobs
+SET paused_at = NULL,
+    stop_token = NULL,  -- a stop not yet carried out is called off
+    next_run_at = CASE
+        WHEN paused_at IS NULL OR (owner IS NOT NULL AND lease_expires_at > now())
+            THEN next_run_at
+        ELSE greatest(next_run_at, now())
+    END
+WHERE name = %(job)s
+RETURNING name, paused_at IS NOT NULL AS paused
 
 -- name: job_history
 SELECT id, job, node, token, started_at, finished_at, status, error

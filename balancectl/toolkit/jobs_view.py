@@ -1,10 +1,13 @@
-"""The cluster's jobs as a rich table, from a node's ``GET /jobs`` or straight from the database."""
+"""The cluster's jobs as rich tables, from a node's API or straight from the database, and
+the operator's verbs (run, pause, resume) sent to a node; every failure is one line
+(``ConfigError``)."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from datetime import datetime
 from typing import Any
@@ -14,7 +17,7 @@ from rich.text import Text
 
 from balancectl.errors import ConfigError
 
-STATE_STYLE = {"running": "bold green", "waiting": "yellow"}
+STATE_STYLE = {"running": "bold green", "waiting": "yellow", "paused": "cyan"}
 RESULT_STYLE = {"succeeded": "green", "failed": "red", "lost": "magenta", "cancelled": "dim"}
 
 
@@ -40,6 +43,14 @@ def last_result(run: dict[str, Any] | None) -> Text:
     return text
 
 
+def state_text(job: dict[str, Any]) -> Text:
+    """The job's state; a paused job's run in progress shows that it will not run again."""
+    text = Text(job["state"], style=STATE_STYLE.get(job["state"], ""))
+    if job.get("paused") and job["state"] == "running":
+        text.append(" (paused)", style=STATE_STYLE["paused"])
+    return text
+
+
 def build_jobs_table(document: dict[str, Any]) -> Table:
     """One row per job: state, node, elapsed or due-in, interval, last result."""
     now = datetime.fromisoformat(document["now"])
@@ -49,7 +60,7 @@ def build_jobs_table(document: dict[str, Any]) -> Table:
     for job in document["jobs"]:
         table.add_row(
             job["name"],
-            Text(job["state"], style=STATE_STYLE.get(job["state"], "")),
+            state_text(job),
             job["node"] or "",
             seconds_text(job["elapsed_seconds"]),
             seconds_text(due_in(job, now)),
@@ -57,6 +68,56 @@ def build_jobs_table(document: dict[str, Any]) -> Table:
             last_result(job["last_run"]),
         )
     return table
+
+
+def build_history_table(document: dict[str, Any], job: str) -> Table:
+    """A job's finished runs, newest first: when, where, how long, how it ended."""
+    table = Table(title=f"runs of {job}, newest first")
+    for column in ("started", "node", "token", "duration", "status", "error"):
+        table.add_column(column)
+    for run in document["runs"]:
+        table.add_row(
+            f"{datetime.fromisoformat(run['started_at']):%Y-%m-%d %H:%M:%S}",
+            run["node"],
+            str(run["token"]),
+            seconds_text(run["duration_seconds"]),
+            Text(run["status"], style=RESULT_STYLE.get(run["status"], "")),
+            run["error"] or "",
+        )
+    return table
+
+
+def build_nodes_table(document: dict[str, Any]) -> Table:
+    """Every node that has run: alive or gone, where, since when, last seen."""
+    table = Table(title="balancectl nodes")
+    for column in ("node", "alive", "host", "pid", "started", "last seen"):
+        table.add_column(column)
+    for node in document["nodes"]:
+        table.add_row(
+            node["id"],
+            Text("alive", style="green") if node["alive"] else Text("gone", style="red"),
+            node["host"],
+            str(node["pid"]),
+            f"{datetime.fromisoformat(node['started_at']):%Y-%m-%d %H:%M:%S}",
+            f"{datetime.fromisoformat(node['last_seen_at']):%Y-%m-%d %H:%M:%S}",
+        )
+    return table
+
+
+def verb_summary(verb: str, job: dict[str, Any]) -> str:
+    """One line saying what ``verb`` did to ``job`` (the Job document it answered)."""
+    name, node = job["name"], job["node"]
+    if verb == "run" and job["state"] == "running":
+        return f"{name}: running on {node}; due again as soon as that run ends"
+    if verb == "run":
+        return f"{name}: due now"
+    if verb == "pause-stop" and job["state"] == "running":
+        return f"{name}: paused; its run on {node} is being stopped (recorded cancelled)"
+    if verb == "pause" and job["state"] == "running":
+        return f"{name}: paused; its run on {node} finishes, then it is not claimed"
+    if verb in ("pause", "pause-stop"):
+        return f"{name}: paused"
+    return f"{name}: resumed ({job['state']})"
 
 
 def build_spread_table(document: dict[str, Any]) -> Table:
@@ -75,25 +136,64 @@ def build_spread_table(document: dict[str, Any]) -> Table:
 
 def fetch_jobs(url: str, timeout: float = 5.0) -> dict[str, Any]:
     """``GET /jobs`` of one node; ``ConfigError`` (one line) when it cannot be had."""
+    return call_node(url, "GET", "/jobs", timeout=timeout)
+
+
+def fetch_history(url: str, job: str, limit: int, token: str | None = None) -> dict[str, Any]:
+    """``GET /jobs/history?job=...&limit=...`` of one node."""
+    query = urllib.parse.urlencode({"job": job, "limit": limit})
+    return call_node(url, "GET", f"/jobs/history?{query}", token)
+
+
+def fetch_nodes(url: str, token: str | None = None) -> dict[str, Any]:
+    return call_node(url, "GET", "/nodes", token)
+
+
+def control(url: str, verb: str, job: str, token: str | None) -> dict[str, Any]:
+    """``POST /jobs/{job}/{verb}``: the Job document after the change."""
+    path = f"/jobs/{urllib.parse.quote(job, safe='')}/"
+    path += "pause?stop=true" if verb == "pause-stop" else verb
+    return call_node(url, "POST", path, token)
+
+
+def call_node(
+    url: str, method: str, path: str, token: str | None = None, timeout: float = 5.0
+) -> dict[str, Any]:
+    """One request to a node, its JSON answer; ``ConfigError`` (one line) when it cannot
+    be had: the node unreachable, not a balancectl node, or a problem it answered."""
     base = url.rstrip("/")
     if not base.startswith(("http://", "https://")):
         raise ConfigError(f"--url must start with http:// or https:// (got {url!r})")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        document: dict[str, Any] = json.loads(_get(f"{base}/jobs", timeout))
+        document: dict[str, Any] = json.loads(_send(f"{base}{path}", method, headers, timeout))
     except ValueError as error:
-        raise ConfigError(f"{base}/jobs did not answer JSON: is it a balancectl node?") from error
+        raise ConfigError(f"{base}{path} did not answer JSON: is it a balancectl node?") from error
     return document
 
 
-def _get(url: str, timeout: float) -> bytes:
+def _send(url: str, method: str, headers: dict[str, str], timeout: float) -> bytes:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        request = urllib.request.Request(url, method=method, headers=headers)
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             body: bytes = response.read()
     except urllib.error.HTTPError as error:
-        raise ConfigError(f"{url} answered HTTP {error.code}: is it a balancectl node?") from error
+        raise ConfigError(refusal(url, error)) from error
     except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
         reason = getattr(error, "reason", error)
         raise ConfigError(f"cannot reach the node at {url}: {reason}") from error
     except ValueError as error:  # urllib refuses the URL itself
         raise ConfigError(f"--url is not a valid URL: {url!r} ({error})") from error
     return body
+
+
+def refusal(url: str, error: urllib.error.HTTPError) -> str:
+    """A node's error answer in one line: its problem's detail, else the status alone."""
+    try:
+        problem = json.loads(error.read())
+        detail = f"{problem['detail']} (HTTP {error.code} {problem['title']})"
+    except (ValueError, TypeError, KeyError, OSError):
+        return f"{url} answered HTTP {error.code}: is it a balancectl node?"
+    if error.code == 401:
+        detail += "; give --api-token or set BALANCECTL_API_TOKEN"
+    return " ".join(str(detail).split())
