@@ -166,8 +166,6 @@ def serve(
     log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
 ) -> None:
     """One node: W HTTP workers and one scheduler; migrates on start."""
-    import os
-
     from balancectl import node
     from balancectl.config import NodeSettings, PoolSettings, SchedulerSettings
     from balancectl.scheduler import load_jobs
