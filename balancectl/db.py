@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import socket
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -146,6 +147,24 @@ def sever(connection: psycopg.AsyncConnection[Row]) -> None:
             sock.shutdown(socket.SHUT_RDWR)
 
 
+def closed_while_idle(connection: psycopg.AsyncConnection[Row]) -> bool:
+    """Whether an idle connection's socket says the server is gone: one poll, no round trip.
+
+    An idle connection has nothing to read. If its socket is readable, the server (or a
+    proxy) has closed it, reset it, or is closing it with a FATAL error; either way it
+    must not carry a statement. A silent link (packets dropped) reads as alive here: the
+    statement deadline covers that case.
+    """
+    if connection.closed or connection.broken:
+        return True
+    poller = select.poll()
+    try:
+        poller.register(connection.pgconn.socket, select.POLLIN)
+    except psycopg.OperationalError:  # libpq has no socket for it any more
+        return True
+    return bool(poller.poll(0))
+
+
 def retrieve(future: asyncio.Future[Any]) -> None:
     """An abandoned statement's outcome is nobody's business: read it, so asyncio is quiet."""
     if not future.cancelled():
@@ -256,7 +275,7 @@ class Database:
         try:
             async with (
                 self.admission.place(self._wait()),
-                self.pool.connection(timeout=self._wait()) as connection,
+                self._connection(self._wait()) as connection,
             ):
                 yield Session(connection, self.settings.statement_timeout, self.health)
         except (PoolTimeout, TooManyRequests, AdmissionTimeout, AdmissionFull) as error:
@@ -276,6 +295,30 @@ class Database:
             # A silent link (packets dropped) fails this way, not with a connection error.
             self.health.failed()
             raise
+
+    @asynccontextmanager
+    async def _connection(self, timeout: float) -> AsyncIterator[psycopg.AsyncConnection[Row]]:
+        """A pooled connection that the server has not closed while it sat idle.
+
+        A restart, a failover or a resetting firewall closes every idle connection of the
+        pool at once; each one is discarded here, unused (the pool opens its replacement),
+        instead of failing a request with ``503 unknown`` after the database is back. While
+        it is still down, the wait for a new connection is the failing database's short one
+        (the request is answered ``503 not-applied``, nothing was sent).
+        """
+        deadline = time.monotonic() + timeout
+        connection = await self.pool.getconn(timeout)
+        while closed_while_idle(connection):
+            await connection.close()
+            await self.pool.putconn(connection)
+            # The server may be down: wait for a new connection as while it is failing.
+            deadline = min(deadline, time.monotonic() + FAILING_WAIT)
+            connection = await self.pool.getconn(max(0.0, deadline - time.monotonic()))
+        try:
+            async with connection:
+                yield connection
+        finally:
+            await self.pool.putconn(connection)
 
     def _unavailable(self, error: psycopg.Error) -> Unavailable | None:
         """The 503 for a driver error, or ``None`` when it says our statement was wrong."""
