@@ -121,12 +121,13 @@ class DashboardJob(msgspec.Struct):
     name: str
     function: str
     interval_seconds: float
-    state: Literal["running", "waiting"]
+    state: Literal["running", "waiting", "paused"]
     node: str | None
     started_at: str | None
     elapsed_seconds: float | None
     next_run_at: str | None
     last_run: RunDocument | None
+    paused: bool
     last_hour: RunCounts
 
 
