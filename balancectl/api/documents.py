@@ -17,6 +17,8 @@ from litestar.openapi.spec import (
     Schema,
 )
 
+from balancectl.scheduler.listing import RunDocument
+
 MAX_AMOUNT = 10**12
 INT64_MAX = 2**63 - 1
 
@@ -45,53 +47,6 @@ class Problem(msgspec.Struct):
     title: str
     status: int
     detail: str
-
-
-class RunDocument(msgspec.Struct):
-    id: int
-    job: str
-    node: str
-    token: int
-    started_at: str
-    finished_at: str
-    duration_seconds: float
-    status: str
-    error: str | None
-
-
-class JobDocument(msgspec.Struct):
-    name: str
-    function: str
-    interval_seconds: float
-    state: str
-    node: str | None
-    started_at: str | None
-    elapsed_seconds: float | None
-    next_run_at: str | None
-    last_run: RunDocument | None
-    paused: bool = False
-
-
-class JobsDocument(msgspec.Struct):
-    now: str
-    jobs: list[JobDocument]
-
-
-class HistoryDocument(msgspec.Struct):
-    runs: list[RunDocument]
-
-
-class NodeDocument(msgspec.Struct):
-    id: str
-    host: str
-    pid: int
-    started_at: str
-    last_seen_at: str
-    alive: bool
-
-
-class NodesDocument(msgspec.Struct):
-    nodes: list[NodeDocument]
 
 
 # --- the dashboard's document (``GET /dashboard``) ----------------------------------------

@@ -13,19 +13,17 @@ from litestar.di import NamedDependency
 from litestar.params import Parameter
 
 from balancectl.api.auth import require_token
-from balancectl.api.documents import (
-    NAME_FILTER_SCHEMA,
-    HistoryDocument,
-    JobDocument,
-    JobsDocument,
-    NodesDocument,
-    problem_spec,
-    problem_specs,
-)
+from balancectl.api.documents import NAME_FILTER_SCHEMA, problem_spec, problem_specs
 from balancectl.db import Database
 from balancectl.errors import InvalidRequest, JobNotFound
 from balancectl.scheduler import listing
 from balancectl.scheduler.control import control_job
+from balancectl.scheduler.listing import (
+    HistoryDocument,
+    JobDocument,
+    JobsDocument,
+    NodesDocument,
+)
 
 UNAVAILABLE = "The database could not be reached in time (slug unavailable)"
 NOT_FOUND = "No job has this name (slug job-not-found)"

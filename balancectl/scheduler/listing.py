@@ -1,12 +1,62 @@
-"""What ``GET /jobs``, ``/jobs/history`` and ``/nodes`` show, as JSON-ready documents."""
+"""What ``GET /jobs``, ``/jobs/history`` and ``/nodes`` show: their documents (msgspec) and
+the JSON-ready dicts built from rows."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
+import msgspec
+
 from balancectl.db import Database, Row
 from balancectl.errors import JobNotFound
+
+
+class RunDocument(msgspec.Struct):
+    id: int
+    job: str
+    node: str
+    token: int
+    started_at: str
+    finished_at: str
+    duration_seconds: float
+    status: str
+    error: str | None
+
+
+class JobDocument(msgspec.Struct):
+    name: str
+    function: str
+    interval_seconds: float
+    state: str
+    node: str | None
+    started_at: str | None
+    elapsed_seconds: float | None
+    next_run_at: str | None
+    last_run: RunDocument | None
+    paused: bool = False
+
+
+class JobsDocument(msgspec.Struct):
+    now: str
+    jobs: list[JobDocument]
+
+
+class HistoryDocument(msgspec.Struct):
+    runs: list[RunDocument]
+
+
+class NodeDocument(msgspec.Struct):
+    id: str
+    host: str
+    pid: int
+    started_at: str
+    last_seen_at: str
+    alive: bool
+
+
+class NodesDocument(msgspec.Struct):
+    nodes: list[NodeDocument]
 
 
 def iso(value: datetime | None) -> str | None:
