@@ -17,7 +17,7 @@ from litestar.openapi.spec import (
     Schema,
 )
 
-from balancectl.scheduler.listing import RunDocument
+from balancectl.dashboard.documents import DashboardJob, DashboardNode
 
 MAX_AMOUNT = 10**12
 INT64_MAX = 2**63 - 1
@@ -56,46 +56,6 @@ RunStatus = Literal[
     "succeeded", "failed", "lost", "cancelled", "timed_out", "unresponsive", "crashed"
 ]
 TimelineStatus = RunStatus | Literal["running", "expired"]
-
-
-class RunCounts(msgspec.Struct):
-    """Runs of one job that finished in the last hour, by status."""
-
-    succeeded: int
-    failed: int
-    lost: int
-    cancelled: int
-    timed_out: int
-    unresponsive: int
-    crashed: int
-
-
-class DashboardJob(msgspec.Struct):
-    """A job as ``GET /jobs`` lists it, with its last hour of runs counted."""
-
-    name: str
-    function: str
-    interval_seconds: float
-    state: Literal["running", "waiting", "paused"]
-    node: str | None
-    started_at: str | None
-    elapsed_seconds: float | None
-    next_run_at: str | None
-    last_run: RunDocument | None
-    paused: bool
-    last_hour: RunCounts
-
-
-class DashboardNode(msgspec.Struct):
-    """A node as ``GET /nodes`` lists it, with the number of leases it holds now."""
-
-    id: str
-    host: str
-    pid: int
-    started_at: str
-    last_seen_at: str
-    alive: bool
-    jobs_held: int
 
 
 class TimelineRun(msgspec.Struct):
