@@ -460,9 +460,11 @@ def jobs_source(url: str | None, database_url: str | None) -> Callable[[], dict[
 
     if url:
         return lambda: fetch_jobs(url)
+    import msgspec
+
     from balancectl.config import PoolSettings
     from balancectl.db import Database
-    from balancectl.scheduler.listing import jobs_document
+    from balancectl.scheduler.listing import ListingStore
 
     resolved = resolve_database_url(database_url)
 
@@ -470,7 +472,8 @@ def jobs_source(url: str | None, database_url: str | None) -> Callable[[], dict[
         db = Database(resolved, PoolSettings(min_size=1, max_size=1, timeout=DB_TIMEOUT))
         await db.open(wait=True)
         try:
-            return await jobs_document(db)
+            document: dict[str, Any] = msgspec.to_builtins(await ListingStore(db).jobs())
+            return document
         finally:
             await db.close()
 

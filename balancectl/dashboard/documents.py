@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import msgspec
 
-from balancectl.scheduler.listing import RunDocument
+from balancectl.scheduler.listing import JobDocument, NodeDocument
 
 
 class RunCounts(msgspec.Struct):
@@ -21,29 +19,13 @@ class RunCounts(msgspec.Struct):
     crashed: int
 
 
-class DashboardJob(msgspec.Struct):
+class DashboardJob(JobDocument, kw_only=True):
     """A job as ``GET /jobs`` lists it, with its last hour of runs counted."""
 
-    name: str
-    function: str
-    interval_seconds: float
-    state: Literal["running", "waiting", "paused"]
-    node: str | None
-    started_at: str | None
-    elapsed_seconds: float | None
-    next_run_at: str | None
-    last_run: RunDocument | None
-    paused: bool
     last_hour: RunCounts
 
 
-class DashboardNode(msgspec.Struct):
+class DashboardNode(NodeDocument, kw_only=True):
     """A node as ``GET /nodes`` lists it, with the number of leases it holds now."""
 
-    id: str
-    host: str
-    pid: int
-    started_at: str
-    last_seen_at: str
-    alive: bool
     jobs_held: int
