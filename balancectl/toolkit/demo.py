@@ -14,11 +14,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
 
+from balancectl.scheduler.listing import JobsDocument
 from balancectl.toolkit.cluster import (
     LocalCluster,
     check_ports_free,
@@ -114,5 +114,5 @@ def watch_jobs(url: str, seconds: float) -> None:
             out.line()  # a live display ends its last frame without a newline off a terminal
 
 
-def jobs_view(document: dict[str, Any]) -> Group:
+def jobs_view(document: JobsDocument) -> Group:
     return Group(build_jobs_table(document), build_spread_table(document))

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 from rich.console import Console
 
 from balancectl.config import NodeSettings, SchedulerSettings
 from balancectl.errors import ConfigError
+from balancectl.scheduler.listing import JobsDocument
 from balancectl.toolkit.jobs_view import build_jobs_table, build_spread_table, seconds_text
 
 URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -37,7 +39,7 @@ def render(table: Any) -> str:
     return console.export_text()
 
 
-DOCUMENT = {
+DOCUMENT = msgspec.convert({
     "now": "2026-11-29T10:00:00+00:00",
     "jobs": [
         {
@@ -55,7 +57,7 @@ DOCUMENT = {
                          "duration_seconds": 120.0, "status": "succeeded", "error": None},
         },
     ],
-}  # fmt: skip
+}, JobsDocument)  # fmt: skip
 
 
 def test_jobs_table_shows_node_elapsed_due_and_last_run() -> None:
