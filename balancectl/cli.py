@@ -343,7 +343,7 @@ def jobs(
     ctx.obj = url  # the node the subcommands ask when they are given no --url
     if ctx.invoked_subcommand is not None:
         return
-    from balancectl.toolkit.jobs_view import build_jobs_table
+    from balancectl.toolkit.jobs_view import build_jobs_table, watch_jobs
 
     fetch = jobs_source(url, database_url)
     if json_output:
@@ -352,18 +352,10 @@ def jobs(
     if not watch:
         out.print(build_jobs_table(fetch()))
         return
-    from rich.live import Live
-
     try:
-        with Live(build_jobs_table(fetch()), console=out, refresh_per_second=4) as live:
-            while True:
-                time.sleep(interval)
-                live.update(build_jobs_table(fetch()))
+        watch_jobs(fetch, out, interval)
     except KeyboardInterrupt:
         pass
-    finally:
-        if not out.is_terminal:
-            out.line()  # a live display ends its last frame without a newline off a terminal
 
 
 def node_url(ctx: typer.Context, url: str | None) -> str:

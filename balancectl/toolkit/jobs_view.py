@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import http.client
 import json
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from datetime import datetime
 from typing import TypeVar
 
 import msgspec
+from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
@@ -145,6 +149,18 @@ def build_spread_table(document: JobsDocument) -> Table:
     for node, count in sorted(counts.items()):
         table.add_row(node, str(count))
     return table
+
+
+def watch_jobs(fetch: Callable[[], JobsDocument], console: Console, interval: float) -> None:
+    """``jobs --watch``: the jobs table, fetched again every ``interval`` seconds."""
+    try:
+        with Live(build_jobs_table(fetch()), console=console, refresh_per_second=4) as live:
+            while True:
+                time.sleep(interval)
+                live.update(build_jobs_table(fetch()))
+    finally:
+        if not console.is_terminal:
+            console.line()  # a live display ends its last frame without a newline off a terminal
 
 
 def fetch_jobs(url: str) -> JobsDocument:
