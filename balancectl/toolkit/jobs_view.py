@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import TypeVar
 
 import msgspec
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -151,16 +151,28 @@ def build_spread_table(document: JobsDocument) -> Table:
     return table
 
 
-def watch_jobs(fetch: Callable[[], JobsDocument], console: Console, interval: float) -> None:
-    """``jobs --watch``: the jobs table, fetched again every ``interval`` seconds."""
+def watch_jobs(
+    fetch: Callable[[], JobsDocument],
+    console: Console,
+    interval: float,
+    seconds: float | None = None,
+) -> None:
+    """``jobs --watch`` (and the demo's last step): the jobs and how many each node runs,
+    fetched again every ``interval`` seconds, for ``seconds`` (``None``: until interrupted)."""
+    deadline = None if seconds is None else time.monotonic() + seconds
     try:
-        with Live(build_jobs_table(fetch()), console=console, refresh_per_second=4) as live:
-            while True:
+        with Live(watch_view(fetch()), console=console, refresh_per_second=4) as live:
+            while deadline is None or time.monotonic() < deadline:
                 time.sleep(interval)
-                live.update(build_jobs_table(fetch()))
+                live.update(watch_view(fetch()))
     finally:
         if not console.is_terminal:
             console.line()  # a live display ends its last frame without a newline off a terminal
+
+
+def watch_view(document: JobsDocument) -> Group:
+    """One frame of ``watch_jobs``: the jobs table over the jobs-per-node table."""
+    return Group(build_jobs_table(document), build_spread_table(document))
 
 
 def fetch_jobs(url: str) -> JobsDocument:
