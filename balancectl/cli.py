@@ -20,12 +20,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
+import msgspec
 import typer
 from rich.console import Console
 
 from balancectl.errors import ConfigError
 
 if TYPE_CHECKING:
+    from balancectl.scheduler.listing import JobsDocument
     from balancectl.toolkit.cluster import LocalCluster, NodeProcess
     from balancectl.toolkit.loadtest import LoadtestConfig
 
@@ -341,27 +343,19 @@ def jobs(
     ctx.obj = url  # the node the subcommands ask when they are given no --url
     if ctx.invoked_subcommand is not None:
         return
-    from balancectl.toolkit.jobs_view import build_jobs_table
+    from balancectl.toolkit.jobs_view import build_jobs_table, watch_jobs
 
     fetch = jobs_source(url, database_url)
     if json_output:
-        out.print_json(data=fetch())
+        print_document(fetch())
         return
     if not watch:
         out.print(build_jobs_table(fetch()))
         return
-    from rich.live import Live
-
     try:
-        with Live(build_jobs_table(fetch()), console=out, refresh_per_second=4) as live:
-            while True:
-                time.sleep(interval)
-                live.update(build_jobs_table(fetch()))
+        watch_jobs(fetch, out, interval)
     except KeyboardInterrupt:
         pass
-    finally:
-        if not out.is_terminal:
-            out.line()  # a live display ends its last frame without a newline off a terminal
 
 
 def node_url(ctx: typer.Context, url: str | None) -> str:
@@ -375,7 +369,7 @@ def act_on_job(ctx: typer.Context, verb: str, name: str, url: str | None,
 
     job = control(node_url(ctx, url), verb, name, token)
     if json_output:
-        out.print_json(data=job)
+        print_document(job)
     else:
         out.print(verb_summary(verb, job), soft_wrap=True, highlight=False, markup=False)
 
@@ -433,7 +427,7 @@ def jobs_history(
 
     document = fetch_history(node_url(ctx, url), name, limit, api_token)
     if json_output:
-        out.print_json(data=document)
+        print_document(document)
     else:
         out.print(build_history_table(document, name))
 
@@ -449,12 +443,17 @@ def nodes(
 
     document = fetch_nodes(url or DEFAULT_NODE, api_token)
     if json_output:
-        out.print_json(data=document)
+        print_document(document)
     else:
         out.print(build_nodes_table(document))
 
 
-def jobs_source(url: str | None, database_url: str | None) -> Callable[[], dict[str, Any]]:
+def print_document(document: msgspec.Struct) -> None:
+    """A listing document on stdout as the node sends it (the same Struct, encoded)."""
+    out.print_json(msgspec.json.encode(document).decode())
+
+
+def jobs_source(url: str | None, database_url: str | None) -> Callable[[], JobsDocument]:
     """A function returning the ``GET /jobs`` document, from a node or the database."""
     from balancectl.toolkit.jobs_view import fetch_jobs
 
@@ -462,26 +461,26 @@ def jobs_source(url: str | None, database_url: str | None) -> Callable[[], dict[
         return lambda: fetch_jobs(url)
     from balancectl.config import PoolSettings
     from balancectl.db import Database
-    from balancectl.scheduler.listing import jobs_document
+    from balancectl.scheduler.listing import ListingStore
 
     resolved = resolve_database_url(database_url)
 
-    async def read() -> dict[str, Any]:
+    async def read() -> JobsDocument:
         db = Database(resolved, PoolSettings(min_size=1, max_size=1, timeout=DB_TIMEOUT))
         await db.open(wait=True)
         try:
-            return await jobs_document(db)
+            return await ListingStore(db).jobs()
         finally:
             await db.close()
 
-    def fetch() -> dict[str, Any]:
+    def fetch() -> JobsDocument:
         probe_database(resolved)  # the reason in one line, not a pool's retries and timeout
         return read_or_explain(read)
 
     return fetch
 
 
-def read_or_explain(read: Callable[[], Coroutine[Any, Any, dict[str, Any]]]) -> dict[str, Any]:
+def read_or_explain(read: Callable[[], Coroutine[Any, Any, JobsDocument]]) -> JobsDocument:
     """Run ``read``; a database gone away meanwhile (``jobs --watch``) is one line, exit 2."""
     from psycopg import OperationalError
     from psycopg_pool import PoolTimeout

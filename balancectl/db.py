@@ -15,7 +15,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 from psycopg.rows import dict_row
@@ -53,6 +53,18 @@ NO_SLOTS = (
     "remaining connection slots are reserved",
 )
 Params = Mapping[str, Any]
+
+
+class Reader(Protocol):
+    """What reads named queries: a ``Database`` (each call its own session) or a ``Session``."""
+
+    async def fetch_one(self, name: str, params: Params | None = None) -> Row | None: ...
+
+    async def fetch_all(
+        self, name: str, params: Params | None = None, *, prepare: bool | None = None
+    ) -> list[Row]: ...
+
+
 log = logging.getLogger("balancectl.db")
 
 

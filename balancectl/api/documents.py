@@ -17,6 +17,8 @@ from litestar.openapi.spec import (
     Schema,
 )
 
+from balancectl.dashboard.documents import DashboardJob, DashboardNode
+
 MAX_AMOUNT = 10**12
 INT64_MAX = 2**63 - 1
 
@@ -47,53 +49,6 @@ class Problem(msgspec.Struct):
     detail: str
 
 
-class RunDocument(msgspec.Struct):
-    id: int
-    job: str
-    node: str
-    token: int
-    started_at: str
-    finished_at: str
-    duration_seconds: float
-    status: str
-    error: str | None
-
-
-class JobDocument(msgspec.Struct):
-    name: str
-    function: str
-    interval_seconds: float
-    state: str
-    node: str | None
-    started_at: str | None
-    elapsed_seconds: float | None
-    next_run_at: str | None
-    last_run: RunDocument | None
-    paused: bool = False
-
-
-class JobsDocument(msgspec.Struct):
-    now: str
-    jobs: list[JobDocument]
-
-
-class HistoryDocument(msgspec.Struct):
-    runs: list[RunDocument]
-
-
-class NodeDocument(msgspec.Struct):
-    id: str
-    host: str
-    pid: int
-    started_at: str
-    last_seen_at: str
-    alive: bool
-
-
-class NodesDocument(msgspec.Struct):
-    nodes: list[NodeDocument]
-
-
 # --- the dashboard's document (``GET /dashboard``) ----------------------------------------
 
 # What history may hold (see migration 0004), and the two states of a claim in progress.
@@ -101,45 +56,6 @@ RunStatus = Literal[
     "succeeded", "failed", "lost", "cancelled", "timed_out", "unresponsive", "crashed"
 ]
 TimelineStatus = RunStatus | Literal["running", "expired"]
-
-
-class RunCounts(msgspec.Struct):
-    """Runs of one job that finished in the last hour, by status."""
-
-    succeeded: int
-    failed: int
-    lost: int
-    cancelled: int
-    timed_out: int
-    unresponsive: int
-    crashed: int
-
-
-class DashboardJob(msgspec.Struct):
-    """A job as ``GET /jobs`` lists it, with its last hour of runs counted."""
-
-    name: str
-    function: str
-    interval_seconds: float
-    state: Literal["running", "waiting"]
-    node: str | None
-    started_at: str | None
-    elapsed_seconds: float | None
-    next_run_at: str | None
-    last_run: RunDocument | None
-    last_hour: RunCounts
-
-
-class DashboardNode(msgspec.Struct):
-    """A node as ``GET /nodes`` lists it, with the number of leases it holds now."""
-
-    id: str
-    host: str
-    pid: int
-    started_at: str
-    last_seen_at: str
-    alive: bool
-    jobs_held: int
 
 
 class TimelineRun(msgspec.Struct):

@@ -6,26 +6,23 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import msgspec
 from litestar import get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.params import Parameter
 
 from balancectl.api.auth import require_token
-from balancectl.api.documents import (
-    NAME_FILTER_SCHEMA,
+from balancectl.api.documents import NAME_FILTER_SCHEMA, problem_spec, problem_specs
+from balancectl.db import Database
+from balancectl.errors import InvalidRequest, JobNotFound
+from balancectl.scheduler.control import control_job
+from balancectl.scheduler.listing import (
     HistoryDocument,
     JobDocument,
     JobsDocument,
+    ListingStore,
     NodesDocument,
-    problem_spec,
-    problem_specs,
 )
-from balancectl.db import Database
-from balancectl.errors import InvalidRequest, JobNotFound
-from balancectl.scheduler import listing
-from balancectl.scheduler.control import control_job
 
 UNAVAILABLE = "The database could not be reached in time (slug unavailable)"
 NOT_FOUND = "No job has this name (slug job-not-found)"
@@ -55,7 +52,7 @@ def parse_filter(name: str, value: str | None) -> str | None:
     responses={503: problem_spec(UNAVAILABLE)},
 )
 async def list_jobs(db: NamedDependency[Database]) -> JobsDocument:
-    return msgspec.convert(await listing.jobs_document(db), JobsDocument)
+    return await ListingStore(db).jobs()
 
 
 @get(
@@ -70,8 +67,7 @@ async def job_history(
     limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
 ) -> HistoryDocument:
     job, node = parse_filter("job", job), parse_filter("node", node)
-    document = await listing.history_document(db, job, node, limit)
-    return msgspec.convert(document, HistoryDocument)
+    return await ListingStore(db).history(job, node, limit)
 
 
 @get(
@@ -80,8 +76,7 @@ async def job_history(
     responses={503: problem_spec(UNAVAILABLE)},
 )
 async def list_nodes(db: NamedDependency[Database], state: State) -> NodesDocument:
-    document = await listing.nodes_document(db, state.lease_ttl)
-    return msgspec.convert(document, NodesDocument)
+    return await ListingStore(db).nodes(state.lease_ttl)
 
 
 @get(
@@ -92,12 +87,12 @@ async def list_nodes(db: NamedDependency[Database], state: State) -> NodesDocume
 async def get_job(db: NamedDependency[Database], name: JobName) -> JobDocument:
     if "\x00" in name:
         raise JobNotFound(f"no job is named {name!r}")
-    return msgspec.convert(await listing.job_named(db, name), JobDocument)
+    return await ListingStore(db).job(name)
 
 
 async def apply(db: Database, verb: str, name: JobName) -> JobDocument:
     await control_job(db, verb, name)
-    return msgspec.convert(await listing.job_named(db, name), JobDocument)
+    return await ListingStore(db).job(name)
 
 
 @post(

@@ -2,16 +2,21 @@
 
 Every statement runs in one transaction on one connection, so every time in the document
 comes from the same database ``now()`` (a transaction's ``now()`` does not move), whichever
-node answers. The jobs and the nodes are the typed listing of ``GET /jobs`` and ``GET /nodes``
-(``balancectl.scheduler.listing``), with the counts the dashboard adds.
+node answers. The jobs and the nodes are the documents of ``GET /jobs`` and ``GET /nodes``,
+read by their store (``balancectl.scheduler.listing.ListingStore``) inside that transaction
+and extended by the counts the dashboard adds.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
+from balancectl.dashboard.documents import DashboardJob, DashboardNode, RunCounts
 from balancectl.db import Database, Row, Session
 from balancectl.scheduler import listing
+from balancectl.scheduler.listing import JobDocument, ListingStore, NodeDocument
 
 AUDIT_FUNCTION = "balancectl.jobs.builtin:ledger_audit"
 TIMELINE_LIMIT = 2000  # finished runs drawn at most; the document says when more were left off
@@ -24,8 +29,9 @@ async def dashboard_document(
 ) -> dict[str, Any]:
     """The dashboard's document, JSON-ready (see ``DashboardDocument``)."""
     async with db.transaction() as session:
-        jobs = await session.fetch_all("list_jobs")
-        nodes = await session.fetch_all("list_nodes", {"lease_ttl": lease_ttl})
+        store = ListingStore(session)
+        jobs = (await store.jobs()).jobs
+        nodes = (await store.nodes(lease_ttl)).nodes
         timeline = await timeline_rows(session, minutes)
         summary = await session.fetch_one("dashboard_summary", {"audit_function": AUDIT_FUNCTION})
     assert summary is not None, "dashboard_summary always answers one row"
@@ -35,8 +41,8 @@ async def dashboard_document(
         "served_by": node_id,
         "minutes": minutes,
         "lease_ttl_seconds": lease_ttl,
-        "jobs": [job_entry(row, summary["last_hour"]) for row in jobs],
-        "nodes": [node_entry(row, jobs) for row in nodes],
+        "jobs": [job_entry(job, summary["last_hour"]) for job in jobs],
+        "nodes": [node_entry(node, jobs) for node in nodes],
         "timeline": [timeline_entry(row) for row in timeline],
         "timeline_truncated": len(finished) >= TIMELINE_LIMIT,
         "money": money_entry(summary),
@@ -48,26 +54,16 @@ async def timeline_rows(session: Session, minutes: int) -> list[Row]:
     return await session.fetch_all("dashboard_timeline", params)
 
 
-def job_entry(row: Row, last_hour: dict[str, dict[str, int]]) -> dict[str, Any]:
-    counts = last_hour.get(row["name"], {})
-    return {
-        **listing.job_document(row),
-        "last_hour": {status: int(counts.get(status, 0)) for status in STATUSES},
-    }
+def job_entry(job: JobDocument, last_hour: dict[str, dict[str, int]]) -> DashboardJob:
+    counts = last_hour.get(job.name, {})
+    runs = RunCounts(**{status: int(counts.get(status, 0)) for status in STATUSES})
+    return DashboardJob(**msgspec.structs.asdict(job), last_hour=runs)
 
 
-def node_entry(row: Row, jobs: list[Row]) -> dict[str, Any]:
+def node_entry(node: NodeDocument, jobs: list[JobDocument]) -> DashboardNode:
     """A node of ``GET /nodes`` and how many leases it holds now (running jobs it owns)."""
-    held = sum(1 for job in jobs if job["running"] and job["owner"] == row["id"])
-    return {
-        "id": row["id"],
-        "host": row["host"],
-        "pid": int(row["pid"]),
-        "started_at": listing.iso(row["started_at"]),
-        "last_seen_at": listing.iso(row["last_seen_at"]),
-        "alive": bool(row["alive"]),
-        "jobs_held": held,
-    }
+    held = sum(1 for job in jobs if job.state == "running" and job.node == node.id)
+    return DashboardNode(**msgspec.structs.asdict(node), jobs_held=held)
 
 
 def timeline_entry(row: Row) -> dict[str, Any]:

@@ -10,14 +10,11 @@ import asyncio
 import fcntl
 import hashlib
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
-from rich.console import Console, Group
-from rich.live import Live
+from rich.console import Console
 
 from balancectl.toolkit.cluster import (
     LocalCluster,
@@ -26,7 +23,7 @@ from balancectl.toolkit.cluster import (
     migrate,
     pick_free_ports,
 )
-from balancectl.toolkit.jobs_view import build_jobs_table, build_spread_table, fetch_jobs
+from balancectl.toolkit.jobs_view import fetch_jobs, watch_jobs
 from balancectl.toolkit.loadtest import (
     LoadtestConfig,
     LoadtestReport,
@@ -61,7 +58,7 @@ def run_demo(
         report = burst(database_url, cluster, requests)
         out.print(build_verdict_table(report))
         step(f"[bold]4.[/bold] the cluster's jobs, live for {watch_seconds:.0f} s")
-        watch_jobs(cluster.urls[0], watch_seconds)
+        watch_jobs(lambda: fetch_jobs(cluster.urls[0]), out, 1.0, watch_seconds)
         step("[bold]5.[/bold] stopping the nodes (their runs are recorded as cancelled)")
     finally:
         cluster.stop()
@@ -98,21 +95,3 @@ def one_burst_at_a_time(database_url: str) -> Iterator[None]:
             step("   another demo is firing at this database; waiting for its burst to end")
             fcntl.flock(lock, fcntl.LOCK_EX)  # a signal interrupts the wait (PEP 475)
         yield
-
-
-def watch_jobs(url: str, seconds: float) -> None:
-    """Show the jobs table, refreshed every second, for ``seconds``."""
-    deadline = time.monotonic() + seconds
-    document = fetch_jobs(url)
-    try:
-        with Live(jobs_view(document), console=out) as live:
-            while time.monotonic() < deadline:
-                time.sleep(1.0)
-                live.update(jobs_view(fetch_jobs(url)))
-    finally:
-        if not out.is_terminal:
-            out.line()  # a live display ends its last frame without a newline off a terminal
-
-
-def jobs_view(document: dict[str, Any]) -> Group:
-    return Group(build_jobs_table(document), build_spread_table(document))

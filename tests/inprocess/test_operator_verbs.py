@@ -194,3 +194,16 @@ async def test_resume_calls_off_a_stop_not_yet_carried_out(
     await client.post("/jobs/long/resume", headers=BEARER)
     renewal = await store.renew({"long": first.token}, ["long"], claim_deadline=10.0)
     assert (renewal.renewed, renewal.stop) == ({"long"}, set())
+
+
+async def test_the_dashboard_lists_a_paused_job_as_get_jobs_does(
+    client: Client, database_url: str
+) -> None:
+    add_job(database_url, "nightly")
+    await client.post("/jobs/nightly/pause", headers=BEARER)
+    reply = await client.get("/dashboard")
+    assert reply.status_code == 200, reply.text
+    (listed,) = (await client.get("/jobs")).json()["jobs"]
+    (shown,) = reply.json()["jobs"]
+    assert (shown["state"], shown["paused"]) == ("paused", True)
+    assert {key: shown[key] for key in listed} == listed

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 from rich.console import Console
 
 from balancectl.config import NodeSettings, SchedulerSettings
 from balancectl.errors import ConfigError
-from balancectl.toolkit.jobs_view import build_jobs_table, build_spread_table, seconds_text
+from balancectl.scheduler.listing import JobsDocument
+from balancectl.toolkit.jobs_view import (
+    build_jobs_table,
+    build_spread_table,
+    seconds_text,
+    watch_jobs,
+)
 
 URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -37,7 +44,7 @@ def render(table: Any) -> str:
     return console.export_text()
 
 
-DOCUMENT = {
+DOCUMENT = msgspec.convert({
     "now": "2026-11-29T10:00:00+00:00",
     "jobs": [
         {
@@ -55,7 +62,7 @@ DOCUMENT = {
                          "duration_seconds": 120.0, "status": "succeeded", "error": None},
         },
     ],
-}  # fmt: skip
+}, JobsDocument)  # fmt: skip
 
 
 def test_jobs_table_shows_node_elapsed_due_and_last_run() -> None:
@@ -69,6 +76,20 @@ def test_jobs_table_shows_node_elapsed_due_and_last_run() -> None:
 def test_spread_table_counts_running_jobs_per_node() -> None:
     text = render(build_spread_table(DOCUMENT))
     assert "node-3" in text and "node-1" not in text
+
+
+def test_watch_shows_the_jobs_and_the_spread_again_until_its_time_is_up() -> None:
+    console = Console(width=200, record=True)
+    fetched: list[JobsDocument] = []
+
+    def fetch() -> JobsDocument:
+        fetched.append(DOCUMENT)
+        return DOCUMENT
+
+    watch_jobs(fetch, console, interval=0.01, seconds=0.1)
+    text = console.export_text()
+    assert "ledger-audit" in text and "jobs per node" in text
+    assert len(fetched) >= 2
 
 
 @pytest.mark.parametrize(

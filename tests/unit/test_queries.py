@@ -46,3 +46,14 @@ def test_every_query_is_used_by_the_code() -> None:
     source = "\n".join(path.read_text() for path in PACKAGE.rglob("*.py"))
     unused = [name for name in all_queries() if f'"{name}"' not in source]
     assert unused == []
+
+
+def test_each_query_is_called_from_one_module() -> None:
+    """A query belongs to its concept's store: its name is written in one module only."""
+    sources = {path.relative_to(PACKAGE): path.read_text() for path in PACKAGE.rglob("*.py")}
+    callers = {
+        name: sorted(str(path) for path, text in sources.items() if f'"{name}"' in text)
+        for name in all_queries()
+    }
+    assert all(callers.values()), "every query is used (see the test above)"
+    assert {name: paths for name, paths in callers.items() if len(paths) > 1} == {}
