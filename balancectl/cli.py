@@ -165,6 +165,14 @@ def serve(
         int,
         typer.Option(envvar=env("backlog"), min=1, help="Listen backlog (capped by somaxconn)."),
     ] = 16384,
+    first_byte_timeout: Annotated[
+        float,
+        typer.Option(
+            envvar=env("first-byte-timeout"),
+            min=0.1,
+            help="Close a new connection that sends nothing this long, s.",
+        ),
+    ] = 60.0,
     log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
 ) -> None:
     """One node: W HTTP workers and one scheduler; migrates on start."""
@@ -183,6 +191,7 @@ def serve(
         insecure=insecure,
         workers=workers or os.cpu_count() or 1,
         backlog=backlog,
+        first_byte_timeout=first_byte_timeout,
         log_level=log_level,
         pool=PoolSettings(max_size=pool_size, timeout=pool_timeout, prepared_statements=prepare),
         scheduler=SchedulerSettings(

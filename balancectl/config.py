@@ -78,6 +78,8 @@ class NodeSettings:
     workers: int = 1
     # Ask the kernel for an accept queue as long as a burst (net.core.somaxconn caps it).
     backlog: int = 16384
+    # A new connection may stay silent this long (a burst's own client is slow to write).
+    first_byte_timeout: float = 60.0
     log_level: str = "INFO"
     pool: PoolSettings = field(default_factory=PoolSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)

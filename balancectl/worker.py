@@ -21,7 +21,7 @@ import uvicorn
 from litestar import Litestar
 
 from balancectl.api import create_app
-from balancectl.api.http_limits import GuardedHttpToolsProtocol
+from balancectl.api.http_limits import guarded_protocol
 from balancectl.config import NodeSettings, worker_pool
 from balancectl.db import Database, TooManyConnections
 from balancectl.logs import configure_logging
@@ -50,7 +50,7 @@ def uvicorn_config(settings: NodeSettings, node_ready: Event | None = None) -> u
         timeout_graceful_shutdown=10,
         timeout_keep_alive=30,
         lifespan="on",
-        http=GuardedHttpToolsProtocol,
+        http=guarded_protocol(settings.first_byte_timeout),
     )
 
 

@@ -1,12 +1,17 @@
-"""uvicorn's httptools protocol with a deadline and a size bound on each request's head.
+"""uvicorn's httptools protocol with deadlines and a size bound on each request's head.
 
 uvicorn arms no timer before a request's headers are complete and bounds their size
 nowhere, so a client that connects and sends nothing, trickles header lines, or sends
 megabytes of headers would hold its connection (and memory) for ever. This protocol
-closes a connection whose request head is not complete ``HEAD_TIMEOUT`` seconds after
-the connection opened or the request began, and answers 400 to a head over
-``MAX_HEAD_BYTES``. Idle keep-alive connections are still uvicorn's business
-(``timeout_keep_alive``).
+closes a connection that sends nothing for ``first_byte_timeout`` seconds after it
+opened (``--first-byte-timeout``, 60 s by default, nginx's ``client_header_timeout``),
+closes one whose request head is not complete ``HEAD_TIMEOUT`` seconds after its first
+byte, and answers 400 to a head over ``MAX_HEAD_BYTES``. Idle keep-alive connections
+are still uvicorn's business (``timeout_keep_alive``).
+
+The silent deadline is long because a burst's client is slow, not malicious: one
+process opening 10,000 connections has them all accepted at once, then writes each
+request when its own loop gets round to it, up to 24 s later on a busy machine.
 
 Every 400 it sends (malformed HTTP, a head too large) is a problem document
 (``application/problem+json``, type ``urn:balancectl:problem:bad-request``) like every
@@ -22,19 +27,21 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from balancectl.api.problems import PROBLEM_JSON, http_problem
 
+FIRST_BYTE_TIMEOUT = 60.0
 HEAD_TIMEOUT = 10.0
 MAX_HEAD_BYTES = 16 * 1024
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """``uvicorn.Config(http=GuardedHttpToolsProtocol)``."""
+    """``uvicorn.Config(http=GuardedHttpToolsProtocol)``, or ``guarded_protocol(seconds)``."""
 
+    first_byte_timeout = FIRST_BYTE_TIMEOUT
     _head_timer: asyncio.TimerHandle | None = None
     _head_bytes = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm()
+        self._arm(self.first_byte_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -51,16 +58,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._arm()
+        self._disarm()  # the client has begun: from now on its head has HEAD_TIMEOUT
+        self._arm(HEAD_TIMEOUT)
 
     def on_headers_complete(self) -> None:
         self._disarm()
         super().on_headers_complete()
 
-    def _arm(self) -> None:
+    def _arm(self, seconds: float) -> None:
         if self._head_timer is None:
             self._head_bytes = 0
-            self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._too_slow)
+            self._head_timer = self.loop.call_later(seconds, self._too_slow)
 
     def _disarm(self) -> None:
         if self._head_timer is not None:
@@ -85,3 +93,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer = None
         if not self.transport.is_closing():
             self.transport.close()
+
+
+def guarded_protocol(first_byte_timeout: float) -> type[GuardedHttpToolsProtocol]:
+    """The protocol with its own silent-connection deadline (``--first-byte-timeout``)."""
+    if first_byte_timeout == FIRST_BYTE_TIMEOUT:
+        return GuardedHttpToolsProtocol
+    attributes = {"first_byte_timeout": first_byte_timeout}
+    return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), attributes)

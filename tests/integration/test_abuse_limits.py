@@ -9,7 +9,8 @@
 - An idle keep-alive connection is closed after uvicorn's ``timeout_keep_alive`` (30 s).
 
 uvicorn (httptools) itself arms no timer before a request's headers are complete and sets
-no bound on their size; balancectl.api.http_limits adds both (10 s, 16 KiB), and the tests
+no bound on their size; balancectl.api.http_limits adds both (``--first-byte-timeout``, set
+to 10 s here, 10 s from a head's first byte, 16 KiB), and the tests
 below hold the node to them: a silent or trickling client is cut off, megabytes of
 headers are refused.
 """
@@ -36,6 +37,9 @@ from tests.conftest import RUN_PREFIX, create_database, drop_database, free_port
 PROBLEM_JSON = "application/problem+json"
 BODY_LIMIT = 4096
 KEEP_ALIVE_TIMEOUT = 30.0  # balancectl/node.py: uvicorn.Config(timeout_keep_alive=30)
+# The node's silent-connection deadline here: the default 60 s, shortened so the watch
+# below (the keep-alive timeout + 5 s) sees a silent client cut off.
+SILENT_TIMEOUT = 10.0
 PROMPTLY = 5.0  # seconds: far above any answer here, far below any "waited for the client"
 
 
@@ -55,7 +59,11 @@ def node(
     log_path = tmp_path_factory.mktemp("limits-node") / "node.log"
     with log_path.open("w") as log:
         cluster = LocalCluster(
-            database_url, 1, extra_args=["--no-scheduler"], log=log, ports=[free_port()]
+            database_url,
+            1,
+            extra_args=["--no-scheduler", "--first-byte-timeout", str(SILENT_TIMEOUT)],
+            log=log,
+            ports=[free_port()],
         )
         try:
             cluster.start()
