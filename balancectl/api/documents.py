@@ -116,12 +116,17 @@ class RunCounts(msgspec.Struct):
 
 
 class DashboardJob(msgspec.Struct):
-    """A job as ``GET /jobs`` lists it, with its last hour of runs counted."""
+    """A job as ``GET /jobs`` lists it, with its last hour of runs counted.
+
+    ``paused``: an operator paused it; a run in progress when it was paused is still
+    ``running`` until it ends, then the job is ``paused``.
+    """
 
     name: str
     function: str
     interval_seconds: float
-    state: Literal["running", "waiting"]
+    state: Literal["running", "waiting", "paused"]
+    paused: bool
     node: str | None
     started_at: str | None
     elapsed_seconds: float | None
