@@ -20,6 +20,7 @@ from balancectl.api.problems import exception_handlers
 from balancectl.config import NodeSettings
 from balancectl.db import Database
 from balancectl.migrations import head_revision
+from balancectl.outcomes import OutcomeCounts, last_record, record_every_second
 
 POOL_SAMPLE_EVERY = 1.0  # seconds
 
@@ -44,7 +45,7 @@ class Resources:
 def lifespan(
     settings: NodeSettings, resources: Resources
 ) -> Callable[[Litestar], AbstractAsyncContextManager[None]]:
-    """Open this process's request pool for the app's life."""
+    """Open this process's request pool for the app's life, and record its request counts."""
 
     @asynccontextmanager
     async def opened(app: Litestar) -> AsyncIterator[None]:
@@ -52,10 +53,13 @@ def lifespan(
         await db.open()
         resources.db = app.state.db = db
         sampler = asyncio.create_task(sample_pool(app.state.metrics, db))
+        recorder = asyncio.create_task(record_every_second(app.state.outcomes, db))
         try:
             yield
         finally:
             sampler.cancel()
+            recorder.cancel()
+            await last_record(app.state.outcomes, db)
             await db.close()
 
     return opened
@@ -84,6 +88,7 @@ def create_app(settings: NodeSettings, node_ready: Ready | None = None) -> Lites
             "metrics": Metrics(),
             "node_id": settings.node_id,
             "node_ready": node_ready,
+            "outcomes": OutcomeCounts(settings.node_id),
         }
     )
     return Litestar(
