@@ -197,7 +197,11 @@ class MoneyDocument(msgspec.Struct):
 
 
 class DashboardDocument(msgspec.Struct):
-    """Everything the dashboard shows, read in one transaction at the database's ``now``."""
+    """Everything the dashboard shows, read in one transaction at the database's ``now``.
+
+    ``token_required``: whether this node's verbs need its API token (the page asks for
+    it before it shows the controls); the token itself is never in the document.
+    """
 
     now: str
     served_by: str
@@ -208,6 +212,7 @@ class DashboardDocument(msgspec.Struct):
     timeline: list[TimelineRun]
     timeline_truncated: bool
     money: MoneyDocument
+    token_required: bool
 
 
 def problem_spec(description: str) -> ResponseSpec:

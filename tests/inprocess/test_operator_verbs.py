@@ -206,6 +206,7 @@ async def test_the_dashboard_lists_a_paused_job_as_paused(
     await client.post("/jobs/long/pause", headers=BEARER)  # its run goes on
     reply = await client.get("/dashboard")
     assert reply.status_code == 200, reply.text
+    assert reply.json()["token_required"] is True and TOKEN not in reply.text
     jobs = {job["name"]: job for job in reply.json()["jobs"]}
     assert (jobs["idle"]["state"], jobs["idle"]["paused"]) == ("paused", True)
     assert (jobs["long"]["state"], jobs["long"]["paused"]) == ("running", True)

@@ -75,6 +75,9 @@ async def test_every_outcome_is_listed_at_zero_before_any_request(
     nodes: tuple[Client, Client],
 ) -> None:
     assert await requests_last_minute(nodes[0]) == expected()
+    # The page's controls ask for a token only where the verbs need one.
+    assert (await nodes[0].get("/dashboard")).json()["token_required"] is True
+    assert (await nodes[1].get("/dashboard")).json()["token_required"] is False
     assert list(expected()) == list(RequestCounts.__struct_fields__)
 
 
