@@ -187,3 +187,14 @@ async def test_counts_unrecorded_for_a_minute_are_dropped(database_url: str) -> 
 def test_every_outcome_is_a_field_of_the_document() -> None:
     document = msgspec.convert(expected(changed=1), RequestCounts)
     assert msgspec.to_builtins(document) == expected(changed=1)
+
+
+async def test_a_stopping_worker_records_what_it_counted_since_its_last_record(
+    database_url: str,
+) -> None:
+    async with AsyncTestClient(app=create_app(settings(database_url, "node-s"))) as client:
+        # Well within the first second: the task has recorded nothing yet.
+        assert await change(client, "1", -1) == 200
+        assert await change(client, "1", -99999) == 409
+    rows = sql(database_url, "SELECT outcome, requests FROM request_outcomes ORDER BY outcome")
+    assert rows == [("changed", 1), ("refused", 1)]
