@@ -8,8 +8,11 @@ one row per (second, node, worker, outcome), the second taken from the database 
 A record that fails (the database down or slow) never reaches a request: the counts
 are kept and added to the next record, for at most ``KEEP_UNRECORDED`` seconds; older
 ones are dropped (and logged), so an outage never shows as a burst of old requests
-once the database is back. Rows older than ``RETENTION`` are pruned by the records
-themselves (every ``PRUNE_EVERY``-th), whichever node makes them.
+once the database is back. A record whose answer was lost after it was sent (a link cut
+mid-statement) may have been applied; it is retried all the same, so such a second can
+be counted twice: the counts are for the eye, never for the money. Rows older than
+``RETENTION`` are pruned by the records themselves (every ``PRUNE_EVERY``-th), whichever
+node makes them.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class OutcomeCounts:
         self.pending = zeros()  # counts a failed record left, with the time of the oldest
         self.pending_since: float | None = None
         self.records = 0
+        self.failures = 0  # records failed in a row: only the first is logged as a warning
 
     def count(self, outcome: str) -> None:
         """One answer of the route (the hot path: a dict increment, nothing else)."""
@@ -81,13 +85,16 @@ class OutcomeCounts:
         try:
             if names:
                 await db.execute("record_request_outcomes", self._params(names))
-            self.records += 1
-            if self.records % PRUNE_EVERY == 0:
-                await prune(db)
         except Exception as error:  # never let the record end the worker's task
+            self.failures += 1
             self._drop_old(error)
             return False
-        self.pending, self.pending_since = zeros(), None
+        if self.failures:
+            log.info("request counts recorded again after %d failed records", self.failures)
+        self.pending, self.pending_since, self.failures = zeros(), None, 0
+        self.records += 1
+        if self.records % PRUNE_EVERY == 0:
+            await prune_quietly(db)
         return True
 
     def _take(self) -> None:
@@ -108,7 +115,9 @@ class OutcomeCounts:
     def _drop_old(self, error: Exception) -> None:
         held = sum(self.pending.values())
         if self.pending_since is None or time.monotonic() - self.pending_since < KEEP_UNRECORDED:
-            log.warning("request counts not recorded (%d kept for the next try): %s", held, error)
+            level = logging.WARNING if self.failures == 1 else logging.DEBUG
+            log.log(level, "request counts not recorded (%d kept for the next try): %s",
+                    held, error)  # fmt: skip
             return
         log.warning("request counts not recorded for %g s, %d dropped: %s",
                     KEEP_UNRECORDED, held, error)  # fmt: skip
@@ -118,6 +127,14 @@ class OutcomeCounts:
 async def prune(db: Database) -> int:
     """Delete the rows past ``RETENTION`` (every node's: a node gone for good has some)."""
     return await db.execute("prune_request_outcomes", {"retention_seconds": RETENTION})
+
+
+async def prune_quietly(db: Database) -> None:
+    """A prune that fails is left to the next one (a minute later, or another node's)."""
+    try:
+        await prune(db)
+    except Exception as error:
+        log.debug("request counts not pruned: %s", error)
 
 
 async def record_every_second(counts: OutcomeCounts, db: Database) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -59,6 +60,9 @@ def lifespan(
         finally:
             sampler.cancel()
             recorder.cancel()
+            # A record in flight ends first: the last one must not send its counts again.
+            with contextlib.suppress(asyncio.CancelledError):
+                await recorder
             await last_record(app.state.outcomes, db)
             await db.close()
 
