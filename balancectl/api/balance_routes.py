@@ -139,26 +139,22 @@ async def change_balance(
     """
     # Subscripted: a State attribute costs 0.5 µs (a failed lookup first), an item 0.06 µs.
     counts: OutcomeCounts = request.app.state["outcomes"]
-    try:
-        outcome = await balance_outcome(request, userId)
+    try:  # in this frame, not a helper's: a refusal raised crosses one frame less
+        headers = wanted_headers(request.scope["headers"])
+        check_token(request.app.state.api_token, headers.get(b"authorization"))
+        require_json(request)
+        uid, key = parse_user_id(userId), parse_key(decoded(headers.get(b"idempotency-key")))
+        amount = parse_amount(await request.body())
+        db: Database = request.app.state.db
+        if key is None:
+            outcome = await balance.change_balance(db, uid, amount)
+        else:
+            outcome = await balance.change_balance_once(db, uid, amount, key)
     except Exception as error:  # counted, then answered by the exception handlers
         counts.count(outcome_of(status_of(error)))
         raise
     counts.count(outcome_of(outcome.status, outcome.replayed))
     return answer(outcome)
-
-
-async def balance_outcome(request: Request[Any, Any, Any], user_id: str) -> balance.Outcome:
-    """The change the request asks for, applied or refused; bad input raises."""
-    headers = wanted_headers(request.scope["headers"])
-    check_token(request.app.state.api_token, headers.get(b"authorization"))
-    require_json(request)
-    uid, key = parse_user_id(user_id), parse_key(decoded(headers.get(b"idempotency-key")))
-    amount = parse_amount(await request.body())
-    db: Database = request.app.state.db
-    if key is None:
-        return await balance.change_balance(db, uid, amount)
-    return await balance.change_balance_once(db, uid, amount, key)
 
 
 def status_of(error: Exception) -> int:
