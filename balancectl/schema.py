@@ -107,3 +107,17 @@ balance_snapshots = sa.Table(
     sa.Column("ledger_entries", sa.BigInteger, nullable=False),
     sa.Column("job_token", sa.BigInteger, nullable=False),
 )
+
+# The balance route's answers by outcome, a row per second, node and worker process
+# (balancectl.outcomes); kept a few minutes, summed by GET /dashboard.
+request_outcomes = sa.Table(
+    "request_outcomes",
+    metadata,
+    sa.Column("bucket", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("node_id", sa.Text, nullable=False),
+    sa.Column("worker", sa.Integer, nullable=False),
+    sa.Column("outcome", sa.Text, nullable=False),
+    sa.Column("requests", sa.BigInteger, nullable=False),
+    sa.PrimaryKeyConstraint("bucket", "node_id", "worker", "outcome"),
+    sa.CheckConstraint("requests > 0", name="request_outcomes_requests_positive"),
+)

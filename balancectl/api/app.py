@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from balancectl.api.problems import exception_handlers
 from balancectl.config import NodeSettings
 from balancectl.db import Database
 from balancectl.migrations import head_revision
+from balancectl.outcomes import OutcomeCounts, last_record, record_every_second
 
 POOL_SAMPLE_EVERY = 1.0  # seconds
 
@@ -44,7 +46,7 @@ class Resources:
 def lifespan(
     settings: NodeSettings, resources: Resources
 ) -> Callable[[Litestar], AbstractAsyncContextManager[None]]:
-    """Open this process's request pool for the app's life."""
+    """Open this process's request pool for the app's life, and record its request counts."""
 
     @asynccontextmanager
     async def opened(app: Litestar) -> AsyncIterator[None]:
@@ -52,10 +54,16 @@ def lifespan(
         await db.open()
         resources.db = app.state.db = db
         sampler = asyncio.create_task(sample_pool(app.state.metrics, db))
+        recorder = asyncio.create_task(record_every_second(app.state.outcomes, db))
         try:
             yield
         finally:
             sampler.cancel()
+            recorder.cancel()
+            # A record in flight ends first: the last one must not send its counts again.
+            with contextlib.suppress(asyncio.CancelledError):
+                await recorder
+            await last_record(app.state.outcomes, db)
             await db.close()
 
     return opened
@@ -84,6 +92,7 @@ def create_app(settings: NodeSettings, node_ready: Ready | None = None) -> Lites
             "metrics": Metrics(),
             "node_id": settings.node_id,
             "node_ready": node_ready,
+            "outcomes": OutcomeCounts(settings.node_id),
         }
     )
     return Litestar(

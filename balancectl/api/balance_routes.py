@@ -26,7 +26,8 @@ from balancectl.api.documents import (
 )
 from balancectl.api.problems import problem_response
 from balancectl.db import Database
-from balancectl.errors import InvalidRequest
+from balancectl.errors import BalancectlError, InvalidRequest
+from balancectl.outcomes import OutcomeCounts, outcome_of
 
 UserId = Annotated[
     str, Parameter(description="A positive 64-bit integer", schema_extra=USER_ID_SCHEMA)
@@ -136,15 +137,33 @@ async def change_balance(
     handler and a header parameter builds a ``Headers`` per request (measured: a fifth of
     a node's CPU under the burst). The OpenAPI operation still documents both.
     """
-    headers = wanted_headers(request.scope["headers"])
-    check_token(request.app.state.api_token, headers.get(b"authorization"))
-    require_json(request)
-    uid, key = parse_user_id(userId), parse_key(decoded(headers.get(b"idempotency-key")))
-    amount = parse_amount(await request.body())
-    db: Database = request.app.state.db
-    if key is None:
-        return answer(await balance.change_balance(db, uid, amount))
-    return answer(await balance.change_balance_once(db, uid, amount, key))
+    # Subscripted: a State attribute costs 0.5 µs (a failed lookup first), an item 0.06 µs.
+    counts: OutcomeCounts = request.app.state["outcomes"]
+    try:  # in this frame, not a helper's: a refusal raised crosses one frame less
+        headers = wanted_headers(request.scope["headers"])
+        check_token(request.app.state.api_token, headers.get(b"authorization"))
+        require_json(request)
+        uid, key = parse_user_id(userId), parse_key(decoded(headers.get(b"idempotency-key")))
+        amount = parse_amount(await request.body())
+        db: Database = request.app.state.db
+        if key is None:
+            outcome = await balance.change_balance(db, uid, amount)
+        else:
+            outcome = await balance.change_balance_once(db, uid, amount, key)
+    except Exception as error:  # counted, then answered by the exception handlers
+        counts.count(outcome_of(status_of(error)))
+        raise
+    counts.count(outcome_of(outcome.status, outcome.replayed))
+    return answer(outcome)
+
+
+def status_of(error: Exception) -> int:
+    """The status the exception handlers (``api.problems``) answer ``error`` with."""
+    if isinstance(error, BalancectlError):
+        return error.status
+    if isinstance(error, HTTPException):
+        return error.status_code
+    return 500
 
 
 WANTED = frozenset({b"authorization", b"idempotency-key"})

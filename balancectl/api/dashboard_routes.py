@@ -2,7 +2,8 @@
 
 The page is the same static file on every node; everything it shows comes from
 ``GET /dashboard``, read from the database alone, so any node's page shows the whole
-cluster. Nothing here writes, and nothing secret is in the page.
+cluster. Nothing here writes, and nothing secret is in the page: the page's controls call
+the verbs of ``jobs_routes`` with the token its operator types in.
 """
 
 from __future__ import annotations
@@ -77,4 +78,5 @@ async def dashboard_state(
     db: NamedDependency[Database], state: State, minutes: Minutes = 15
 ) -> DashboardDocument:
     document = await dashboard_document(db, state.node_id, state.lease_ttl, minutes)
+    document["token_required"] = state.api_token is not None
     return msgspec.convert(document, DashboardDocument)

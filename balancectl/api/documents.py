@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar.enums import ParamType
@@ -79,6 +79,23 @@ class AuditResult(msgspec.Struct):
     error: str | None
 
 
+def counted(description: str) -> msgspec.Meta:
+    return msgspec.Meta(ge=0, description=description)
+
+
+class RequestCounts(msgspec.Struct):
+    """``POST /users/{userId}/balance`` answers of the last minute, every node's, by outcome."""
+
+    changed: Annotated[int, counted("200: the balance changed")]
+    replayed: Annotated[int, counted("The stored answer of an Idempotency-Key already used")]
+    refused: Annotated[int, counted("409: insufficient funds or the balance limit")]
+    not_found: Annotated[int, counted("404: no such user")]
+    invalid: Annotated[int, counted("413, 415, 422: a wrong request, or a reused key")]
+    unauthorized: Annotated[int, counted("401: a missing or wrong bearer token")]
+    unavailable: Annotated[int, counted("503: no database answer in time")]
+    failed: Annotated[int, counted("500 (a bug: see the node's log), or another status")]
+
+
 class MoneyDocument(msgspec.Struct):
     """The total of the balances against the sum of the ledger (decimal strings, exact)."""
 
@@ -87,10 +104,15 @@ class MoneyDocument(msgspec.Struct):
     ledger_sum: str
     balanced: bool
     audit: AuditResult | None
+    requests_last_minute: RequestCounts
 
 
 class DashboardDocument(msgspec.Struct):
-    """Everything the dashboard shows, read in one transaction at the database's ``now``."""
+    """Everything the dashboard shows, read in one transaction at the database's ``now``.
+
+    ``token_required``: whether this node's verbs need its API token (the page asks for
+    it before it shows the controls); the token itself is never in the document.
+    """
 
     now: str
     served_by: str
@@ -101,6 +123,7 @@ class DashboardDocument(msgspec.Struct):
     timeline: list[TimelineRun]
     timeline_truncated: bool
     money: MoneyDocument
+    token_required: bool
 
 
 def problem_spec(description: str) -> ResponseSpec:

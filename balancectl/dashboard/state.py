@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from balancectl import outcomes
 from balancectl.dashboard.documents import DashboardJob, DashboardNode, RunCounts
 from balancectl.db import Database, Row, Session
 from balancectl.scheduler import listing
@@ -34,6 +35,7 @@ async def dashboard_document(
         nodes = (await store.nodes(lease_ttl)).nodes
         timeline = await timeline_rows(session, minutes)
         summary = await session.fetch_one("dashboard_summary", {"audit_function": AUDIT_FUNCTION})
+        requests = await session.fetch_all("dashboard_requests", {"seconds": outcomes.WINDOW})
     assert summary is not None, "dashboard_summary always answers one row"
     finished = [row for row in timeline if row["finished_at"] is not None]
     return {
@@ -45,7 +47,7 @@ async def dashboard_document(
         "nodes": [node_entry(node, jobs) for node in nodes],
         "timeline": [timeline_entry(row) for row in timeline],
         "timeline_truncated": len(finished) >= TIMELINE_LIMIT,
-        "money": money_entry(summary),
+        "money": money_entry(summary, requests),
     }
 
 
@@ -78,7 +80,13 @@ def timeline_entry(row: Row) -> dict[str, Any]:
     }
 
 
-def money_entry(summary: Row) -> dict[str, Any]:
+def requests_entry(rows: list[Row]) -> dict[str, int]:
+    """The balance route's answers of the last minute, cluster-wide, by every outcome."""
+    counted = {row["outcome"]: int(row["requests"]) for row in rows}
+    return {name: counted.get(name, 0) for name in outcomes.OUTCOMES}
+
+
+def money_entry(summary: Row, requests: list[Row]) -> dict[str, Any]:
     audit = None
     if summary["audit_job"] is not None:
         audit = {
@@ -94,4 +102,5 @@ def money_entry(summary: Row) -> dict[str, Any]:
         "ledger_sum": ledger,
         "balanced": int(total) == int(ledger),
         "audit": audit,
+        "requests_last_minute": requests_entry(requests),
     }

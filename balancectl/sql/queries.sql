@@ -466,3 +466,23 @@ LEFT JOIN LATERAL (
     ORDER BY r.finished_at DESC, r.id DESC
     LIMIT 1
 ) audit ON true
+
+-- name: record_request_outcomes
+-- One worker's counts since its last record, added to its row of this second (database
+-- clock); `outcomes` and `counts` are arrays of the same length.
+INSERT INTO request_outcomes (bucket, node_id, worker, outcome, requests)
+SELECT date_trunc('second', now()), %(node_id)s, %(worker)s, counted.outcome, counted.requests
+FROM unnest(%(outcomes)s::text[], %(counts)s::bigint[]) AS counted (outcome, requests)
+ON CONFLICT (bucket, node_id, worker, outcome)
+DO UPDATE SET requests = request_outcomes.requests + excluded.requests
+
+-- name: prune_request_outcomes
+DELETE FROM request_outcomes
+WHERE bucket < now() - make_interval(secs => %(retention_seconds)s)
+
+-- name: dashboard_requests
+-- The balance route's answers of the last `seconds` seconds, by outcome, every node's.
+SELECT outcome, sum(requests)::bigint AS requests
+FROM request_outcomes
+WHERE bucket > now() - make_interval(secs => %(seconds)s)
+GROUP BY outcome

@@ -207,3 +207,22 @@ async def test_the_dashboard_lists_a_paused_job_as_get_jobs_does(
     (shown,) = reply.json()["jobs"]
     assert (shown["state"], shown["paused"]) == ("paused", True)
     assert {key: shown[key] for key in listed} == listed
+
+
+async def test_the_dashboard_lists_a_paused_job_as_paused(
+    client: Client, store: SchedulerStore, database_url: str
+) -> None:
+    add_job(database_url, "idle")
+    add_job(database_url, "long", due_in=-1)
+    assert await claim(store, "long") is not None
+    await client.post("/jobs/idle/pause", headers=BEARER)
+    await client.post("/jobs/long/pause", headers=BEARER)  # its run goes on
+    reply = await client.get("/dashboard")
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["token_required"] is True and TOKEN not in reply.text
+    jobs = {job["name"]: job for job in reply.json()["jobs"]}
+    assert (jobs["idle"]["state"], jobs["idle"]["paused"]) == ("paused", True)
+    assert (jobs["long"]["state"], jobs["long"]["paused"]) == ("running", True)
+    await client.post("/jobs/idle/resume", headers=BEARER)
+    jobs = {job["name"]: job for job in (await client.get("/dashboard")).json()["jobs"]}
+    assert (jobs["idle"]["state"], jobs["idle"]["paused"]) == ("waiting", False)

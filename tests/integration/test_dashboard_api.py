@@ -167,6 +167,7 @@ def test_counts_timeline_and_money_come_from_the_database(
             "finished_at": money["audit"]["finished_at"],
             "error": None,
         },
+        "requests_last_minute": dict.fromkeys(OUTCOMES, 0),  # no balance request was made
     }
     sql(database_url, "UPDATE users SET balance = balance + 5 WHERE id = 1")
     money = dashboard(url)["money"]
@@ -290,3 +291,58 @@ def test_every_status_history_may_hold_is_counted_and_drawn(
         "timed_out": 1, "unresponsive": 1, "crashed": 1,
     }  # fmt: skip
     assert sorted(run["status"] for run in document["timeline"]) == sorted(GIVEN_UP)
+
+
+OUTCOMES = ("changed", "replayed", "refused", "not_found", "invalid", "unauthorized",
+            "unavailable", "failed")  # fmt: skip
+
+
+def change(url: str, amount: int, user: int = 1) -> int:
+    return http_json(f"{url}/users/{user}/balance", "POST", {"amount": amount}, timeout=30)[0]
+
+
+def counts_are(url: str, **counts: int) -> dict[str, int] | None:
+    """The counts if ``url``'s dashboard shows exactly these; ``None`` while it does not, or
+    while it answers 503 (a pool's connection the cut link left dead, once the link is back)."""
+    want = {name: counts.get(name, 0) for name in OUTCOMES}
+    status, body = http_json(f"{url}/dashboard")
+    if status == 503:
+        return None
+    assert status == 200, body
+    got: dict[str, int] = body["money"]["requests_last_minute"]
+    return got if got == want else None
+
+
+def test_request_counts_add_up_over_nodes_and_workers_and_outlive_a_cut_link(
+    cluster_factory: ClusterFactory, database_url: str
+) -> None:
+    """Two nodes of two workers each: every answer counted once, in either node's document;
+    the 503s of an outage are counted too, recorded once the link is back (kept, not lost),
+    and the workers go on serving while their records fail."""
+    target = urllib.parse.urlsplit(database_url)
+    if target.hostname is None or "host=" in target.query:
+        pytest.skip("the proxy forwards TCP: needs BALANCECTL_TEST_DATABASE_URL over TCP")
+    with proxied(target.hostname or "127.0.0.1", target.port or 5432) as proxy:
+        args = ("--no-scheduler", "--workers", "2", "--pool-timeout", "2")
+        cluster = cluster_factory(2, *args, url=through(database_url, proxy))
+        first, second = cluster.urls
+        sent = [change(first, -1) for _ in range(4)] + [change(first, -(10**9))]
+        sent += [change(second, 2) for _ in range(2)] + [change(second, 0)]
+        assert sent == [200] * 4 + [409] + [200, 200, 422], sent
+        wait_for("the counts", lambda: counts_are(second, changed=6, refused=1, invalid=1), 10)
+        assert counts_are(first, changed=6, refused=1, invalid=1)
+
+        proxy.cut("reject")
+        during = [change(first, -1) for _ in range(3)] + [change(second, 0)]
+        assert during == [503, 503, 503, 422], during
+        time.sleep(3)  # every worker's record fails at least twice
+        proxy.restore()
+        wait_for(
+            "the outage's counts, recorded once the link is back",
+            lambda: counts_are(first, changed=6, refused=1, invalid=2, unavailable=3),
+            timeout=30,
+            every=0.5,
+        )
+        cluster.stop()  # before the proxy: no node reconnects while it shuts down
+    workers = sql(database_url, "SELECT DISTINCT node_id, worker FROM request_outcomes")
+    assert {node for node, _ in workers} == {"node-1", "node-2"}

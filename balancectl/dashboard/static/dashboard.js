@@ -1,5 +1,7 @@
 // balancectl dashboard: polls GET /dashboard once a second while the tab is visible and
-// draws what it answers. Plain JavaScript, no library, no build step; read-only.
+// draws what it answers. Plain JavaScript, no library, no build step. Read-only until the
+// operator shows the controls (with the node's API token, when it has one): the token is
+// kept in this page's memory only, never stored, and sent only to this node's verbs.
 "use strict";
 
 const POLL_EVERY_MS = 1000;
@@ -10,6 +12,12 @@ const TRACK_HEIGHT = 24; // one bar's height; a lane has as many tracks as runs 
 const LANE_PADDING = 3;
 const AXIS_HEIGHT = 22;
 const STATUSES = ["succeeded", "failed", "timed_out", "unresponsive", "crashed", "lost", "cancelled"];
+// The balance route's outcomes (GET /dashboard money.requests_last_minute), in this order.
+const OUTCOMES = [
+  ["changed", "changed"], ["replayed", "replayed"], ["refused", "refused (409)"],
+  ["not_found", "no such user"], ["invalid", "invalid"], ["unauthorized", "unauthorized"],
+  ["unavailable", "unavailable (503)"], ["failed", "failed (500)"],
+];
 
 const view = {
   minutes: 15,
@@ -21,6 +29,9 @@ const view = {
   failingSince: null, // the browser's time of the first failed poll after a good one
   failure: "",
 };
+
+// The operator's controls: shown once unlocked; `token` lives here only (null: none given).
+const operator = { unlocked: false, token: null, tokenRequired: true, busy: false };
 
 // ---------------------------------------------------------------- small helpers
 
@@ -148,23 +159,62 @@ function nextDue(job, now) {
   return wait <= 0 ? "due now" : `in ${duration(wait)}`;
 }
 
+function stateCell(job) {
+  const cell = el("td", {}, pill(job.state));
+  // A run in progress when the job was paused goes on: "running" and "paused" both show.
+  if (job.paused && job.state !== "paused") cell.append(pill("paused"));
+  return cell;
+}
+
+function verbButton(job, verb, text, title, extra = "") {
+  return el("button", {
+    type: "button", class: extra, "data-verb": verb, "data-job": job.name, title, text,
+  });
+}
+
+function verbsCell(job) {
+  const cell = el("td", { class: "operator-col" });
+  if (!operator.unlocked) return cell;
+  const box = el("span", { class: "verbs" });
+  if (job.paused) {
+    box.append(verbButton(job, "resume", "Resume", "Let the job be claimed again"));
+    if (job.state === "running") {
+      box.append(verbButton(job, "pause-stop", "Stop the run",
+        "Stop the run in progress (recorded cancelled); the job stays paused", "stop"));
+    }
+  } else {
+    box.append(verbButton(job, "run", "Run now",
+      "Make the job due now; a running job is due again as soon as its run ends"));
+    box.append(verbButton(job, "pause", "Pause", "Never claim it until resumed; a run in progress finishes"));
+    if (job.state === "running") {
+      box.append(verbButton(job, "pause-stop", "Pause, stop the run",
+        "Never claim it until resumed, and stop the run in progress (recorded cancelled)", "stop"));
+    }
+  }
+  if (operator.busy) for (const button of box.children) button.disabled = true;
+  cell.append(box);
+  return cell;
+}
+
 function renderJobs(doc) {
   const now = seconds(doc.now);
   const rows = doc.jobs.map((job) =>
     el(
       "tr",
-      { "data-job": job.name, "data-state": job.state, "data-node": job.node || "" },
+      { "data-job": job.name, "data-state": job.state, "data-node": job.node || "",
+        "data-paused": String(job.paused) },
       el("td", { class: "name", text: job.name, title: job.function }),
-      el("td", {}, pill(job.state)),
+      stateCell(job),
       el("td", { text: job.node || "—" }),
       el("td", { class: "num", text: job.state === "running" ? duration(job.elapsed_seconds) : "—" }),
       el("td", { text: nextDue(job, now), title: job.next_run_at || "" }),
       el("td", { class: "num", text: duration(job.interval_seconds) }),
       lastRunCell(job.last_run),
       countsCell(job.last_hour),
+      verbsCell(job),
     ),
   );
-  replaceRows(document.getElementById("jobs"), rows, 8, "No job is configured");
+  replaceRows(document.getElementById("jobs"), rows, 9, "No job is configured");
 }
 
 function renderMoney(doc) {
@@ -177,6 +227,14 @@ function renderMoney(doc) {
     ? `at ${clock(audit.finished_at)} (${ago(audit.finished_at, seconds(doc.now))})`
     : "has not run yet";
   const box = el("dl", { class: "money", "data-balanced": String(money.balanced) });
+  const requests = el("dd", { class: "requests", id: "requests" });
+  for (const [outcome, label] of OUTCOMES) {
+    const value = money.requests_last_minute[outcome];
+    requests.append(el("span", {
+      class: value ? `count ${outcome}` : `count ${outcome} zero`, "data-outcome": outcome,
+      "data-count": String(value), text: `${value} ${label}`,
+    }));
+  }
   box.append(
     verdict,
     el("dt", { text: "Total balance" }), el("dd", { text: money.total_balance }),
@@ -185,6 +243,8 @@ function renderMoney(doc) {
     el("dt", { text: "Last audit" }),
     el("dd", { "data-audit": audit ? audit.status : "none", title: audit?.error || "" },
       audit ? pill(audit.status) : "", ` ${auditText}`),
+    el("dt", { class: "requests-title", text: "Balance requests of the last minute, every node", title: "POST /users/{id}/balance on every node, by outcome" }),
+    requests,
   );
   document.getElementById("money").replaceChildren(box);
 }
@@ -337,7 +397,110 @@ function renderFreshness() {
   }
 }
 
+// ---------------------------------------------------------------- the operator's controls
+
+function showOperatorMessage(text, kind) {
+  const box = document.getElementById("operator-message");
+  box.textContent = text;
+  box.className = `operator-message ${kind}`;
+  box.dataset.kind = kind;
+  box.hidden = false;
+}
+
+function renderOperator() {
+  document.body.dataset.operator = operator.unlocked ? "unlocked" : "locked";
+  document.getElementById("unlock").hidden = operator.unlocked;
+  document.getElementById("lock-row").hidden = !operator.unlocked;
+  document.getElementById("token-label").hidden = !operator.tokenRequired;
+  document.getElementById("unlock-note").textContent = operator.tokenRequired
+    ? "The token stays in this page's memory only: a reload asks for it again."
+    : "This node has no API token: anyone who can reach it may use its verbs. Show the controls to use them.";
+  document.getElementById("operator-state").textContent = operator.unlocked ? "controls shown" : "read-only";
+}
+
+function lock(message = null) {
+  operator.unlocked = false;
+  operator.token = null;
+  document.getElementById("token").value = "";
+  renderOperator();
+  if (message) showOperatorMessage(message, "bad");
+  if (view.lastDocument) renderJobs(view.lastDocument);
+}
+
+function unlock(event) {
+  event.preventDefault();
+  const field = document.getElementById("token");
+  const token = field.value.trim();
+  field.value = "";
+  if (operator.tokenRequired && !token) {
+    showOperatorMessage("Enter the node's API token to show the controls.", "bad");
+    return;
+  }
+  operator.token = operator.tokenRequired ? token : null;
+  operator.unlocked = true;
+  document.getElementById("operator-message").hidden = true;
+  renderOperator();
+  if (view.lastDocument) renderJobs(view.lastDocument);
+}
+
+const VERB_PATHS = { run: "run", pause: "pause", "pause-stop": "pause?stop=true", resume: "resume" };
+const VERB_DONE = {
+  run: "is due now", pause: "is paused (a run in progress finishes)",
+  "pause-stop": "is paused and its run in progress is being stopped", resume: "is resumed",
+};
+
+async function callVerb(verb, name) {
+  const headers = { Accept: "application/json" };
+  if (operator.token !== null) headers.Authorization = `Bearer ${operator.token}`;
+  const controller = new AbortController();
+  const timeout = setTimeout(() => controller.abort(), ANSWER_WITHIN_MS);
+  try {
+    return await fetch(`/jobs/${encodeURIComponent(name)}/${VERB_PATHS[verb]}`, {
+      method: "POST", cache: "no-store", headers, signal: controller.signal,
+    });
+  } finally {
+    clearTimeout(timeout);
+  }
+}
+
+async function onVerb(event) {
+  const button = event.target.closest("button[data-verb]");
+  if (!button || !operator.unlocked || operator.busy) return;
+  const { verb, job } = button.dataset;
+  operator.busy = true;
+  if (view.lastDocument) renderJobs(view.lastDocument);
+  try {
+    const response = await callVerb(verb, job);
+    if (response.status === 401 || response.status === 403) {
+      lock(`The node refused the token (${await problemText(response)}). ` +
+        "The controls are hidden again: enter the right token to show them.");
+    } else if (!response.ok) {
+      showOperatorMessage(`${job}: ${await problemText(response)}`, "bad");
+    } else {
+      const answer = await response.json();
+      showOperatorMessage(`${job} ${VERB_DONE[verb]}; it is ${answer.state} now.`, "ok");
+    }
+  } catch (error) {
+    const reason = error.name === "AbortError" ? `no answer within ${ANSWER_WITHIN_MS / 1000} s` : error.message;
+    showOperatorMessage(`${job}: the request failed (${reason}); it may or may not have applied.`, "bad");
+  } finally {
+    operator.busy = false;
+    refreshNow();
+  }
+}
+
+function refreshNow() {
+  if (view.inFlight) return;
+  clearTimeout(view.timer);
+  view.timer = null;
+  poll();
+}
+
 function render(doc) {
+  if (doc.token_required !== operator.tokenRequired) {
+    operator.tokenRequired = doc.token_required;
+    renderOperator();
+  }
   renderSummary(doc);
   renderNodes(doc);
   renderJobs(doc);
@@ -423,6 +586,13 @@ function start() {
     view.minutes = Number(select.value);
     if (view.lastDocument && !view.inFlight) { clearTimeout(view.timer); view.timer = null; poll(); }
   });
+  document.getElementById("unlock").addEventListener("submit", unlock);
+  document.getElementById("lock").addEventListener("click", () => {
+    lock();
+    document.getElementById("operator-message").hidden = true;
+  });
+  document.getElementById("jobs").addEventListener("click", onVerb);
+  renderOperator();
   document.addEventListener("visibilitychange", onVisibility);
   window.addEventListener("resize", () => view.lastDocument && renderTimeline(view.lastDocument));
   // The freshness line ticks even while no answer comes (a hung node), so it never freezes.
