@@ -323,7 +323,9 @@ class Database:
         while closed_while_idle(connection):
             await connection.close()
             await self.pool.putconn(connection)
-            # The server may be down: wait for a new connection as while it is failing.
+            # The server may be down: this and every later request wait for a new
+            # connection as while it fails, until a statement is answered again.
+            self.health.failed()
             deadline = min(deadline, time.monotonic() + FAILING_WAIT)
             connection = await self.pool.getconn(max(0.0, deadline - time.monotonic()))
         try:
