@@ -25,7 +25,9 @@ import pytest
 from balancectl.toolkit.cluster import LocalCluster, NodeProcess
 from balancectl.toolkit.loadtest import LoadtestConfig, run_loadtest
 from tests.conftest import sql
-from tests.integration.test_scheduler_history import (
+from tests.pgbouncer import PgBouncer, pgbouncer
+from tests.processes import ClusterFactory, http_json, node_args
+from tests.scheduling import (
     POLL,
     assert_listing_agrees,
     assert_no_overlap,
@@ -35,8 +37,6 @@ from tests.integration.test_scheduler_history import (
     wait_for,
     write_jobs,
 )
-from tests.pgbouncer import PgBouncer, pgbouncer
-from tests.processes import ClusterFactory, http_json, node_args
 
 pytestmark = pytest.mark.slow
 

@@ -29,18 +29,18 @@ from balancectl.toolkit.cluster import LocalCluster, NodeProcess
 from balancectl.toolkit.loadtest import LoadtestConfig, run_loadtest
 from tests.conftest import sql
 from tests.e2e.test_faults_pgbouncer import lease
-from tests.integration.test_scheduler_history import (
+from tests.pgbouncer import PgBouncer, pgbouncer
+from tests.processes import ClusterFactory, http_json, node_args
+from tests.scheduling import (
     assert_listing_agrees,
     assert_no_overlap,
     history,
     jobs_listing,
     running,
+    start_skew,
     wait_for,
     write_jobs,
 )
-from tests.integration.test_scheduler_spread import start_skew
-from tests.pgbouncer import PgBouncer, pgbouncer
-from tests.processes import ClusterFactory, http_json, node_args
 
 pytestmark = pytest.mark.slow
 

@@ -34,14 +34,14 @@ from balancectl.migrations import upgrade
 from balancectl.toolkit.cluster import LocalCluster, NodeProcess, ready
 from balancectl.toolkit.embedded import embedded_database_url, stop_embedded
 from tests.conftest import sql
-from tests.integration.test_scheduler_history import (
+from tests.processes import ClusterFactory, node_args
+from tests.scheduling import (
     assert_no_overlap,
     history,
     jobs_listing,
     wait_for,
     write_jobs,
 )
-from tests.processes import ClusterFactory, node_args
 
 pytestmark = pytest.mark.slow
 

@@ -38,14 +38,14 @@ import pytest
 from balancectl.toolkit.cluster import NodeProcess, node_command, pump, ready
 from tests.conftest import free_port, sql
 from tests.faults import TcpProxy, proxied
-from tests.integration.test_scheduler_history import (
+from tests.processes import http_json, node_args
+from tests.scheduling import (
     assert_no_overlap,
     history,
     running,
     wait_for,
     write_jobs,
 )
-from tests.processes import http_json, node_args
 
 pytestmark = pytest.mark.slow
 

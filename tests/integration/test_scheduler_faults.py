@@ -16,7 +16,8 @@ from urllib.parse import urlsplit, urlunsplit
 from balancectl.toolkit.cluster import LocalCluster, NodeProcess
 from tests.conftest import sql
 from tests.faults import proxied
-from tests.integration.test_scheduler_history import (
+from tests.processes import ClusterFactory, http_json, node_args
+from tests.scheduling import (
     POLL,
     Run,
     assert_listing_agrees,
@@ -28,7 +29,6 @@ from tests.integration.test_scheduler_history import (
     wait_for,
     write_jobs,
 )
-from tests.processes import ClusterFactory, http_json, node_args
 
 TTL = 3.0
 BUSY = "tests.jobs:busy"
