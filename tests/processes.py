@@ -52,6 +52,15 @@ def http_json(
         return error.code, json.loads(error.read() or b"null")
 
 
+def raw_get(url: str) -> tuple[int, str, Any]:
+    """Status, Content-Type and JSON body of one GET, error statuses included."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.headers["Content-Type"], json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers["Content-Type"], json.loads(error.read())
+
+
 @pytest.fixture
 def cluster_factory(
     database_url: str, tmp_path: Path, request: pytest.FixtureRequest

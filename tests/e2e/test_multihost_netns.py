@@ -43,7 +43,7 @@ import pytest
 
 from balancectl.toolkit.cluster import pump
 from tests.conftest import sql
-from tests.integration.test_faults_partition import log_line, logged_at
+from tests.faults import log_line, logged_at
 from tests.netns import Forwarder, Host, KernelRefused, hosts, netem_refusal
 from tests.processes import node_args
 from tests.scheduling import Run, assert_no_overlap, parse_run, wait_for

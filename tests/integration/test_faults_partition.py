@@ -19,25 +19,21 @@ them). Whatever the mode:
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pytest
 
-from balancectl.toolkit.cluster import NodeProcess, node_command, pump, ready
-from tests.conftest import free_port, sql
-from tests.faults import TcpProxy, proxied
+from balancectl.toolkit.cluster import NodeProcess, ready
+from tests.conftest import sql
+from tests.faults import Spawn, log_line, logged_at, proxied, through
 from tests.processes import http_json, node_args
 from tests.scheduling import (
     assert_no_overlap,
@@ -57,74 +53,6 @@ AMOUNT = -7
 # wait is cut to 1 s once the node knows the database fails. DROP: the statement deadline
 # (10 s) + 1 s (a bounded cancel attempt, then the connection is cut; issue 7).
 ANSWER_WITHIN = {"reject": 3.0, "drop": 10.0 + 1.0}
-Spawn = Callable[[str, str, Sequence[str]], NodeProcess]
-
-
-@pytest.fixture
-def spawn(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Spawn]:
-    """Start ``balancectl serve`` with a given node id and database URL; stop all after."""
-    log = (tmp_path / "nodes.log").open("w")
-    nodes: list[NodeProcess] = []
-
-    def start(node_id: str, database_url: str, args: Sequence[str]) -> NodeProcess:
-        port = free_port()
-        process = subprocess.Popen(
-            node_command(node_id, port, args),
-            env={**os.environ, "BALANCECTL_DATABASE_URL": database_url},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        node = NodeProcess(node_id, port, process)
-        assert process.stdout is not None
-        node.pump = threading.Thread(
-            target=pump, args=(process.stdout, f"[{node_id}]", log), daemon=True
-        )
-        node.pump.start()
-        nodes.append(node)
-        wait_for(f"{node_id} ready", lambda: ready(node.url) or process.poll() is not None, 60)
-        assert process.poll() is None, f"{node_id} exited with {process.returncode}"
-        return node
-
-    yield start
-    for node in nodes:
-        if node.process.poll() is None:
-            node.process.terminate()
-    for node in nodes:
-        try:
-            node.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            node.process.kill()
-            node.process.wait()
-        node.reap()
-    log.close()
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        print("===== nodes.log (last 120 lines)")
-        print("\n".join((tmp_path / "nodes.log").read_text().splitlines()[-120:]))
-
-
-def through(database_url: str, proxy: TcpProxy) -> str:
-    """The same database, reached through the proxy."""
-    parts = urlsplit(database_url)
-    return urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}"))
-
-
-def log_line(log: Path, node_id: str, text: str) -> str | None:
-    return next(
-        (
-            line
-            for line in log.read_text().splitlines()
-            if line.startswith(f"[{node_id}] ") and text in line
-        ),
-        None,
-    )
-
-
-def logged_at(line: str) -> datetime:
-    """The time of a node's log line (``[id] 2026-01-01 12:00:00,123 ...``), local zone."""
-    _, day, clock = line.split(" ", 3)[:3]
-    return datetime.strptime(f"{day} {clock}", "%Y-%m-%d %H:%M:%S,%f").astimezone()
 
 
 def lease(database_url: str) -> tuple[int, str, datetime]:

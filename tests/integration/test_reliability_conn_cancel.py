@@ -27,8 +27,7 @@ from balancectl.config import PoolSettings
 from balancectl.db import Database
 from balancectl.errors import Unavailable
 from tests.conftest import sql
-from tests.faults import proxied
-from tests.integration.test_faults_partition import through
+from tests.faults import proxied, through
 
 GONE_WITHIN = 1.0  # seconds for the server to stop a statement after its caller gave up
 PROBE = "SELECT pg_sleep(30) /* cancel-probe */"

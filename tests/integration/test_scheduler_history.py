@@ -6,14 +6,10 @@ The checks every scheduler test makes (no overlap, listings agree) are in tests/
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
 
-from tests.processes import ClusterFactory, node_args
+from tests.processes import ClusterFactory, node_args, raw_get
 from tests.scheduling import (
     POLL,
     assert_listing_agrees,
@@ -105,12 +101,3 @@ def test_history_limit_out_of_range_is_a_problem(
     for limit in ("1", "1000"):
         status, _, body = raw_get(f"{cluster.members[0].url}/jobs/history?limit={limit}")
         assert (status, body) == (200, {"runs": []}), limit
-
-
-def raw_get(url: str) -> tuple[int, str, Any]:
-    """Status, Content-Type and JSON body of one GET, error statuses included."""
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, response.headers["Content-Type"], json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, error.headers["Content-Type"], json.loads(error.read())
