@@ -160,4 +160,4 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     setattr(item, f"rep_{report.when}", report)
 
 
-pytest_plugins = ["tests.processes", "tests.faults"]
+pytest_plugins = ["tests.processes", "tests.faults", "tests.pgbouncer"]

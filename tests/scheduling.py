@@ -9,7 +9,7 @@ and every node's listing shows every configured job, consistent with the history
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from balancectl.toolkit.cluster import LocalCluster, NodeProcess
+from tests.conftest import sql
 from tests.processes import http_json
 
 T = TypeVar("T")
@@ -175,3 +176,25 @@ def start_skew(url: str) -> float:
     assert status == 200, body
     starts = [datetime.fromisoformat(node["started_at"]) for node in body["nodes"]]
     return (max(starts) - min(starts)).total_seconds()
+
+
+def all_running(observer: NodeProcess) -> dict[str, dict[str, Any]] | None:
+    """``GET /jobs`` of ``observer`` by job name, once every job in it runs; else None."""
+    listing = jobs_listing(observer)
+    return listing if all(job["state"] == "running" for job in listing.values()) else None
+
+
+def per_node(cluster: LocalCluster, observer: NodeProcess, timeout: float) -> dict[str, int]:
+    """How many jobs each live node runs, once every job runs (``GET /jobs`` on ``observer``)."""
+    listing = wait_for("every job to run", lambda: all_running(observer), timeout=timeout)
+    counts = Counter(str(job["node"]) for job in listing.values())
+    live = [node for node in cluster.members if node.process.poll() is None]
+    return {node.node_id: counts.get(node.node_id, 0) for node in live}
+
+
+def lease(database_url: str, job: str) -> tuple[int, str, datetime]:
+    """The job's token, owner and lease expiry, straight from its row."""
+    [(token, owner, expires)] = sql(
+        database_url, "SELECT token, owner, lease_expires_at FROM jobs WHERE name = %s", (job,)
+    )
+    return int(token), str(owner), expires

@@ -24,7 +24,6 @@ import urllib.error
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -38,6 +37,7 @@ from tests.processes import http_json, node_args
 from tests.scheduling import (
     assert_no_overlap,
     history,
+    lease,
     running,
     wait_for,
     write_jobs,
@@ -53,13 +53,6 @@ AMOUNT = -7
 # wait is cut to 1 s once the node knows the database fails. DROP: the statement deadline
 # (10 s) + 1 s (a bounded cancel attempt, then the connection is cut; issue 7).
 ANSWER_WITHIN = {"reject": 3.0, "drop": 10.0 + 1.0}
-
-
-def lease(database_url: str) -> tuple[int, str, datetime]:
-    [(token, owner, expires)] = sql(
-        database_url, "SELECT token, owner, lease_expires_at FROM jobs WHERE name = %s", (JOB,)
-    )
-    return int(token), str(owner), expires
 
 
 def post_debit(url: str, key: str, timeout: float = 60.0) -> tuple[int, str, Any, float]:
@@ -141,7 +134,7 @@ def test_cut_off_node_gives_up_its_job_in_time_and_writes_nothing_after(
         proxy.cut(mode)
         cut = time.monotonic()
         time.sleep(0.3)  # a renewal already at the server may still commit; then it is final
-        token, _, expiry = lease(database_url)
+        token, _, expiry = lease(database_url, JOB)
         stopped, taken, stop_line = watch_cut(log, a, b, cut)
         key = f"cut-{mode}-{uuid.uuid4()}"
         answers_while_cut(a, key, mode)
@@ -162,7 +155,7 @@ def test_cut_off_node_gives_up_its_job_in_time_and_writes_nothing_after(
     assert lost.error == "lease expired; taken over by node-b", lost
     assert logged_at(stop_line) < expiry, (stop_line, expiry)
     assert [run for run in runs if run.node == "node-a"] == [lost], runs
-    assert lease(database_url)[:2] == (token + 1, "node-b")
+    assert lease(database_url, JOB)[:2] == (token + 1, "node-b")
     assert listing == {JOB: "node-b"}, listing
     assert log_line(log, "node-a", f"{JOB} (token {token}) ended lost; recorded None")
     assert_no_overlap(runs)
