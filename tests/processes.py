@@ -22,7 +22,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import pytest
 
@@ -59,6 +59,36 @@ def raw_get(url: str) -> tuple[int, str, Any]:
             return response.status, response.headers["Content-Type"], json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, error.headers["Content-Type"], json.loads(error.read())
+
+
+class Answer(NamedTuple):
+    """A request's answer: its status (``None`` when no answer came: the connection
+    failed), Content-Type, decoded JSON body, and the seconds it took."""
+
+    status: int | None
+    content_type: str
+    body: Any
+    seconds: float
+
+
+def post_debit(url: str, key: str, amount: int, timeout: float = 30.0) -> Answer:
+    """A keyed change of user 1's balance by ``amount``, timed."""
+    request = urllib.request.Request(
+        f"{url}/users/1/balance",
+        data=json.dumps({"amount": amount}).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", "Idempotency-Key": key},
+    )
+    began = time.monotonic()
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, headers, raw = response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:
+        status, headers, raw = error.code, error.headers, error.read()
+    except OSError:
+        return Answer(None, "", None, time.monotonic() - began)
+    content_type = headers.get("Content-Type", "")
+    return Answer(status, content_type, json.loads(raw), time.monotonic() - began)
 
 
 @pytest.fixture

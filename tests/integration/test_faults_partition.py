@@ -18,14 +18,10 @@ them). Whatever the mode:
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.error
-import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -33,7 +29,7 @@ import pytest
 from balancectl.toolkit.cluster import NodeProcess, ready
 from tests.conftest import sql
 from tests.faults import Spawn, log_line, logged_at, proxied, through
-from tests.processes import http_json, node_args
+from tests.processes import http_json, node_args, post_debit
 from tests.scheduling import (
     assert_no_overlap,
     history,
@@ -53,23 +49,6 @@ AMOUNT = -7
 # wait is cut to 1 s once the node knows the database fails. DROP: the statement deadline
 # (10 s) + 1 s (a bounded cancel attempt, then the connection is cut; issue 7).
 ANSWER_WITHIN = {"reject": 3.0, "drop": 10.0 + 1.0}
-
-
-def post_debit(url: str, key: str, timeout: float = 60.0) -> tuple[int, str, Any, float]:
-    """A keyed debit: status, Content-Type, body and seconds until the answer."""
-    request = urllib.request.Request(
-        f"{url}/users/1/balance",
-        data=json.dumps({"amount": AMOUNT}).encode(),
-        method="POST",
-        headers={"Content-Type": "application/json", "Idempotency-Key": key},
-    )
-    began = time.monotonic()
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            status, headers, raw = response.status, response.headers, response.read()
-    except urllib.error.HTTPError as error:
-        status, headers, raw = error.code, error.headers, error.read()
-    return status, headers.get("Content-Type", ""), json.loads(raw), time.monotonic() - began
 
 
 def watch_cut(log: Path, a: NodeProcess, b: NodeProcess, cut: float) -> tuple[float, float, str]:
@@ -98,7 +77,7 @@ def timed_get(url: str) -> tuple[int, float]:
 def answers_while_cut(a: NodeProcess, key: str, mode: str) -> None:
     """A keyed POST and /readyz on A, at the same time (each may wait out a deadline)."""
     with ThreadPoolExecutor(max_workers=2) as pool:
-        posted = pool.submit(post_debit, a.url, key)
+        posted = pool.submit(post_debit, a.url, key, AMOUNT, 60.0)
         readiness = pool.submit(timed_get, f"{a.url}/readyz")
         status, content_type, body, seconds = posted.result()
         ready_status, ready_seconds = readiness.result()
@@ -141,7 +120,7 @@ def test_cut_off_node_gives_up_its_job_in_time_and_writes_nothing_after(
 
         proxy.restore()
         recovery = recovers(a, time.monotonic())
-        status, _, body, _ = post_debit(a.url, key)
+        status, _, body, _ = post_debit(a.url, key, AMOUNT, 60.0)
         time.sleep(1.0)  # statements held in the proxy while cut have reached the server
         listing = running(a)
 
