@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -23,11 +24,12 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, NamedTuple
+from urllib.parse import urlsplit
 
 import pytest
 
 from balancectl.toolkit.cluster import LocalCluster
-from tests.conftest import free_port
+from tests.conftest import RUN_PREFIX, create_database, drop_database, free_port
 
 ClusterFactory = Callable[..., LocalCluster]
 
@@ -89,6 +91,46 @@ def post_debit(url: str, key: str, amount: int, timeout: float = 30.0) -> Answer
         return Answer(None, "", None, time.monotonic() - began)
     content_type = headers.get("Content-Type", "")
     return Answer(status, content_type, json.loads(raw), time.monotonic() - began)
+
+
+class ApiNode(NamedTuple):
+    """A node's base URL and its database's URL."""
+
+    url: str
+    database_url: str
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        port = urlsplit(self.url).port
+        assert port is not None, self.url
+        return port
+
+
+@pytest.fixture(scope="module")
+def api_node(
+    server_url: str, template_database: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ApiNode]:
+    """One node (API only) on a database of its own (a copy of the template), shared by a
+    module's tests that change nothing there; at the end, its log holds no traceback."""
+    name = f"{RUN_PREFIX}_node_{secrets.token_hex(3)}"
+    database_url = create_database(server_url, name, template=template_database)
+    log_path = tmp_path_factory.mktemp("api-node") / "node.log"
+    with log_path.open("w") as log:
+        cluster = LocalCluster(
+            database_url, 1, extra_args=["--no-scheduler"], log=log, ports=[free_port()]
+        )
+        try:
+            cluster.start()
+            cluster.wait_ready(timeout=90)
+            yield ApiNode(cluster.urls[0], database_url)
+        finally:
+            cluster.stop()
+            drop_database(server_url, name)
+    assert "Traceback" not in log_path.read_text()  # nothing a test sent made the node fail
 
 
 @pytest.fixture
