@@ -4,8 +4,8 @@ The server is ``BALANCECTL_TEST_DATABASE_URL`` when set, else an embedded Postgr
 a temporary folder, stopped and removed at the end of the run. Every database this run
 creates is named with a random prefix, so that runs sharing a server never clash.
 
-Helpers for tests: ``sql(url, statement, params)`` and ``free_port()``
-(``from tests.conftest import sql``).
+Helpers for tests: ``sql(url, statement, params)``, ``free_port()`` and
+``open_database(url, settings)`` (the package's pool, open) (``from tests.conftest import sql``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import secrets
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from itertools import count
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ import pytest
 from psycopg import sql as pgsql
 from psycopg.abc import Params
 
+from balancectl.config import PoolSettings
+from balancectl.db import Database
 from balancectl.migrations import upgrade
 from balancectl.toolkit.embedded import embedded_database_url, stop_embedded
 
@@ -40,6 +43,17 @@ def sql(url: str, statement: str, params: Params | None = None) -> list[tuple[An
     with psycopg.connect(url, autocommit=True) as connection:
         cursor = connection.execute(statement, params)
         return cursor.fetchall() if cursor.description is not None else []
+
+
+@asynccontextmanager
+async def open_database(url: str, settings: PoolSettings) -> AsyncIterator[Database]:
+    """The package's pool on ``url``, open with its first connections; closed after."""
+    db = Database(url, settings)
+    await db.open(wait=True)
+    try:
+        yield db
+    finally:
+        await db.close()
 
 
 def free_port() -> int:
