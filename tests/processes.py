@@ -16,6 +16,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -172,6 +173,16 @@ def cluster_factory(
         for path in sorted(tmp_path.glob("cluster-*.log")):
             print(f"===== {path.name} (last 80 lines)")
             print("\n".join(path.read_text().splitlines()[-80:]))
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A free port that another program now listens on (and never accepts: a connection
+    there hangs)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", free_port()))
+        listener.listen()
+        yield int(listener.getsockname()[1])
 
 
 def node_args(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from itertools import pairwise
 from pathlib import Path
 
+from balancectl.toolkit.cluster import LocalCluster
 from tests.processes import ClusterFactory, node_args, raw_get
 from tests.scheduling import (
     POLL,
@@ -20,12 +21,20 @@ from tests.scheduling import (
 )
 
 
+def two_nodes_running(
+    cluster_factory: ClusterFactory, tmp_path: Path, names: list[str], min_duration: str,
+    interval: str,
+) -> LocalCluster:  # fmt: skip
+    """Two nodes running the ``idle`` jobs ``names`` (lease TTL 3 s)."""
+    jobs = write_jobs(tmp_path / "jobs.toml", names, min_duration, interval)
+    return cluster_factory(2, *node_args(jobs_file=jobs, lease_ttl=3, poll=POLL))
+
+
 def test_runs_are_recorded_with_their_duration_and_interval(
     cluster_factory: ClusterFactory, tmp_path: Path
 ) -> None:
     names = ["alpha", "beta"]
-    jobs = write_jobs(tmp_path / "jobs.toml", names, min_duration="1s", interval="2s")
-    cluster = cluster_factory(2, *node_args(jobs_file=jobs, lease_ttl=3, poll=POLL))
+    cluster = two_nodes_running(cluster_factory, tmp_path, names, min_duration="1s", interval="2s")
     node = cluster.members[0]
 
     def three_runs_each() -> bool:
@@ -54,8 +63,7 @@ def test_history_filters_and_orders_newest_first(
     cluster_factory: ClusterFactory, tmp_path: Path
 ) -> None:
     names = ["alpha", "beta"]
-    jobs = write_jobs(tmp_path / "jobs.toml", names, min_duration="0.5s", interval="1s")
-    cluster = cluster_factory(2, *node_args(jobs_file=jobs, lease_ttl=3, poll=POLL))
+    cluster = two_nodes_running(cluster_factory, tmp_path, names, "0.5s", interval="1s")
     wait_for(
         "four runs of alpha",
         lambda: len(history(cluster.members[0], job="alpha")) >= 4,
