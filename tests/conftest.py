@@ -65,14 +65,28 @@ def free_ports(count: int) -> int:
     """The first of ``count`` consecutive free ports, none handed out before in this run.
 
     They are picked below the kernel's ephemeral range (32768 and up here), so an outgoing
-    connection (a load test opens thousands) cannot take one before a node binds it.
+    connection (a load test opens thousands) cannot take one before a node binds it; and
+    from this process's own share of that range, so parallel workers never pick the same.
     """
+    low, high = port_share()
     while True:
-        base = random.randrange(20000, 32000 - count)
+        base = random.randrange(low, high - count)
         block = range(base, base + count)
         if not _ports_handed_out.intersection(block) and all(map(_bindable, block)):
             _ports_handed_out.update(block)
             return base
+
+
+def port_share(low: int = 20000, high: int = 32000) -> tuple[int, int]:
+    """This process's slice of ``low..high``: all of it, or worker N's Nth of it when
+    pytest-xdist runs the tests (``PYTEST_XDIST_WORKER`` is ``gwN``)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return low, high
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    span = (high - low) // workers
+    start = low + int(worker.removeprefix("gw")) * span
+    return start, start + span
 
 
 def _bindable(port: int) -> bool:
@@ -164,6 +178,33 @@ def empty_database_url(server_url: str) -> Iterator[str]:
 def tcp_port() -> int:
     """A free TCP port on 127.0.0.1 (call ``free_port()`` for more than one)."""
     return free_port()
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Groups for pytest-xdist's ``--dist loadgroup`` (``nox -s tests`` runs four workers).
+
+    The tests marked ``serial`` (a bound on time, or a load on the whole machine) form one
+    group: one worker runs them one after another, never two side by side, and they come
+    first, as the longest chain. A module whose tests share a module-scoped fixture (one
+    node for the module) is a group of its own, so that the fixture is made once. Without
+    xdist the marks change nothing.
+    """
+    for item in items:
+        if item.get_closest_marker("serial") is not None:
+            item.add_marker(pytest.mark.xdist_group("serial"))
+        elif shares_a_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    items.sort(key=lambda item: item.get_closest_marker("serial") is None)  # stable
+
+
+def shares_a_module_fixture(item: pytest.Item) -> bool:
+    definitions = getattr(item, "_fixtureinfo", None)
+    if definitions is None:
+        return False
+    return any(
+        chain[-1].scope == "module" for chain in definitions.name2fixturedefs.values() if chain
+    )
 
 
 @pytest.hookimpl(hookwrapper=True)

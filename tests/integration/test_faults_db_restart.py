@@ -41,7 +41,7 @@ from tests.scheduling import (
     write_jobs,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 NODES = 3
 TTL, POLL = 3.0, 0.2

@@ -16,6 +16,8 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from balancectl.toolkit.cluster import NodeProcess
 from tests.conftest import sql
 from tests.processes import ClusterFactory, http_json, node_args
@@ -29,6 +31,8 @@ from tests.scheduling import (
     wait_for,
     write_jobs,
 )
+
+pytestmark = pytest.mark.serial
 
 WORKERS = ("--workers", "2")
 TTL = 3.0

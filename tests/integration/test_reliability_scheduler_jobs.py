@@ -25,7 +25,7 @@ from tests.scheduling import (
     write_jobs,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 TTL = 3.0
 
