@@ -35,6 +35,7 @@ from balancectl.toolkit.embedded import embedded_database_url, stop_embedded
 
 RUN_PREFIX = f"balancectl_test_{secrets.token_hex(4)}"
 _database_numbers = count(1)
+CHAINS = ("serial", "heavy")  # markers whose tests run one after another (xdist groups)
 _ports_handed_out: set[int] = set()
 
 
@@ -184,18 +185,19 @@ def tcp_port() -> int:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Groups for pytest-xdist's ``--dist loadgroup`` (``nox -s tests`` runs four workers).
 
-    The tests marked ``serial`` (a bound on time, or a load on the whole machine) form one
-    group: one worker runs them one after another, never two side by side, and they come
-    first, as the longest chain. A module whose tests share a module-scoped fixture (one
-    node for the module) is a group of its own, so that the fixture is made once. Without
-    xdist the marks change nothing.
+    The tests marked ``serial`` (each bounds a time) form one group, which one worker runs
+    one after another, so that no two of them run side by side; those marked ``heavy``
+    (each loads the whole machine) form another. Both come first, as the longest chains.
+    A module whose tests share a module-scoped fixture (one node for the module) is a
+    group of its own, so that the fixture is made once. Without xdist nothing changes.
     """
     for item in items:
-        if item.get_closest_marker("serial") is not None:
-            item.add_marker(pytest.mark.xdist_group("serial"))
+        chain = next((name for name in CHAINS if item.get_closest_marker(name)), None)
+        if chain is not None:
+            item.add_marker(pytest.mark.xdist_group(chain))
         elif shares_a_module_fixture(item):
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
-    items.sort(key=lambda item: item.get_closest_marker("serial") is None)  # stable
+    items.sort(key=lambda item: not any(item.get_closest_marker(name) for name in CHAINS))
 
 
 def shares_a_module_fixture(item: pytest.Item) -> bool:
