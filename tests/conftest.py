@@ -35,7 +35,6 @@ from balancectl.toolkit.embedded import embedded_database_url, stop_embedded
 
 RUN_PREFIX = f"balancectl_test_{secrets.token_hex(4)}"
 _database_numbers = count(1)
-CHAINS = ("serial", "heavy")  # markers whose tests run one after another (xdist groups)
 _ports_handed_out: set[int] = set()
 
 
@@ -181,23 +180,57 @@ def tcp_port() -> int:
     return free_port()
 
 
+# The tests that run one after another under pytest-xdist, by chain (path or node id prefix).
+# serial: each bounds a time (a takeover within TTL + slack, a 503 within a deadline), so no
+# two of them may run side by side. heavy: each loads the whole machine (a 10,000-request
+# burst, five to twenty nodes started at once), so no two of them may either.
+CHAINS = {
+    "serial": (
+        "tests/e2e/test_multihost_netns.py",
+        "tests/integration/test_faults_db_restart.py",
+        "tests/integration/test_faults_partition.py",
+        "tests/integration/test_faults_takeover_spread.py",
+        "tests/integration/test_node_workers.py",
+        "tests/integration/test_operator_verbs.py",
+        "tests/integration/test_reliability_conn_cancel.py",
+        "tests/integration/test_reliability_conn_pool.py",
+        "tests/integration/test_reliability_conn_stall.py",
+        "tests/integration/test_reliability_scheduler_",
+        "tests/integration/test_scheduler_faults.py",
+    ),
+    "heavy": (
+        "tests/e2e/test_burst.py",
+        "tests/e2e/test_faults_kill9_burst.py",
+        "tests/e2e/test_faults_pgbouncer.py",
+        "tests/e2e/test_newcomer_demo.py",
+        "tests/e2e/test_scale_pgbouncer.py",
+        "tests/integration/test_cli.py::test_demo_runs_the_whole_story",
+    ),
+}
+
+
+def chain_of(item: pytest.Item) -> str | None:
+    """The chain ``item`` belongs to, if any."""
+    return next((name for name, starts in CHAINS.items() if item.nodeid.startswith(starts)), None)
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Groups for pytest-xdist's ``--dist loadgroup`` (``nox -s tests`` runs four workers).
+    """Marks and groups for pytest-xdist's ``--dist loadgroup`` (``nox -s tests``).
 
-    The tests marked ``serial`` (each bounds a time) form one group, which one worker runs
-    one after another, so that no two of them run side by side; those marked ``heavy``
-    (each loads the whole machine) form another. Both come first, as the longest chains.
-    A module whose tests share a module-scoped fixture (one node for the module) is a
-    group of its own, so that the fixture is made once. Without xdist nothing changes.
+    Each chain of ``CHAINS`` is a marker (``-m serial`` selects that chain) and one group,
+    which one worker runs one after another, first, as the longest work. A module whose
+    tests share a module-scoped fixture (one node for the module) is a group of its own,
+    so that the fixture is made once. Without xdist the groups change nothing.
     """
     for item in items:
-        chain = next((name for name in CHAINS if item.get_closest_marker(name)), None)
+        chain = chain_of(item)
         if chain is not None:
+            item.add_marker(chain)
             item.add_marker(pytest.mark.xdist_group(chain))
         elif shares_a_module_fixture(item):
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
-    items.sort(key=lambda item: not any(item.get_closest_marker(name) for name in CHAINS))
+    items.sort(key=lambda item: chain_of(item) is None)  # stable
 
 
 def shares_a_module_fixture(item: pytest.Item) -> bool:

@@ -32,7 +32,7 @@ from tests.conftest import sql
 from tests.ledger import assert_ledger_adds_up, balance_in_database
 from tests.processes import ClusterFactory, http_json
 
-pytestmark = [pytest.mark.slow, pytest.mark.heavy]
+pytestmark = pytest.mark.slow
 
 NODES = 5
 REQUESTS = 10000

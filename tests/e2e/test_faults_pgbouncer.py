@@ -35,7 +35,7 @@ from tests.scheduling import (
     write_jobs,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.heavy]
+pytestmark = pytest.mark.slow
 
 NODES = 5
 JOBS = [f"job-{n}" for n in range(1, NODES + 1)]

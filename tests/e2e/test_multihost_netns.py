@@ -48,7 +48,7 @@ from tests.netns import Forwarder, Host, KernelRefused, hosts, netem_refusal
 from tests.processes import node_args
 from tests.scheduling import Run, assert_no_overlap, parse_run, wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.serial]
+pytestmark = pytest.mark.slow
 
 HOSTS = 3
 TTL, POLL, SETTLE = 3.0, 0.2, 1.0

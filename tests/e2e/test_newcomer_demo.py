@@ -20,7 +20,7 @@ from tests.conftest import sql
 from tests.processes import Launched
 
 STOPPED_WITHIN = 15.0  # seconds from the signal to the demo's exit, every node gone
-pytestmark = [pytest.mark.slow, pytest.mark.heavy]
+pytestmark = pytest.mark.slow
 
 
 def demo(database_url: str, *args: str, columns: int = 80) -> Launched:

@@ -39,7 +39,7 @@ from tests.scheduling import (
     write_jobs,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.heavy]
+pytestmark = pytest.mark.slow
 
 NODES = 20
 JOBS = [f"job-{n:02d}" for n in range(1, 25)]

@@ -41,7 +41,7 @@ from tests.scheduling import (
     write_jobs,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.serial]
+pytestmark = pytest.mark.slow
 
 NODES = 3
 TTL, POLL = 3.0, 0.2

@@ -39,7 +39,7 @@ from tests.scheduling import (
     write_jobs,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.serial]
+pytestmark = pytest.mark.slow
 
 TTL, POLL, SETTLE = 3.0, 0.2, 0.5
 SLACK = 2.0  # claim latency, an HTTP poll and a busy 2-core machine

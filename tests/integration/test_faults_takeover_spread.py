@@ -26,7 +26,7 @@ from tests.scheduling import (
     write_jobs,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.serial]
+pytestmark = pytest.mark.slow
 
 TTL = 3.0
 SLACK = 2.0  # claim latency, an HTTP poll and a busy 2-core machine

@@ -16,8 +16,6 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-import pytest
-
 from balancectl.toolkit.cluster import NodeProcess
 from tests.conftest import sql
 from tests.processes import ClusterFactory, http_json, node_args
@@ -31,8 +29,6 @@ from tests.scheduling import (
     wait_for,
     write_jobs,
 )
-
-pytestmark = pytest.mark.serial
 
 WORKERS = ("--workers", "2")
 TTL = 3.0

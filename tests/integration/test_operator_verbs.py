@@ -16,8 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from balancectl.toolkit.cluster import NodeProcess
 from tests.processes import ClusterFactory, http_json, node_args
 from tests.scheduling import (
@@ -29,8 +27,6 @@ from tests.scheduling import (
     wait_for,
     write_jobs,
 )
-
-pytestmark = pytest.mark.serial
 
 TTL = 3.0
 SLACK = 2.0  # a claim poll is POLL * 1.2 at most; the rest is a loaded machine

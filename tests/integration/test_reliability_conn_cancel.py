@@ -28,8 +28,6 @@ from balancectl.errors import Unavailable
 from tests.conftest import open_database, sql
 from tests.faults import proxied, through
 
-pytestmark = pytest.mark.serial
-
 GONE_WITHIN = 1.0  # seconds for the server to stop a statement after its caller gave up
 PROBE = "SELECT pg_sleep(30) /* cancel-probe */"
 

@@ -25,8 +25,6 @@ from balancectl.db import Database
 from balancectl.errors import Unavailable
 from tests.conftest import open_database, sql
 
-pytestmark = pytest.mark.serial
-
 
 async def hold(db: Database, seconds: float) -> float:
     """One session that runs for ``seconds``; the seconds it waited for its connection."""

@@ -33,7 +33,7 @@ from tests.conftest import sql
 from tests.faults import Spawn, TcpProxy, proxied, through
 from tests.processes import ClusterFactory, http_json
 
-pytestmark = [pytest.mark.slow, pytest.mark.serial]
+pytestmark = pytest.mark.slow
 
 LOCK_BOUND = 2.0  # seconds node B may wait behind a stalled node's lock
 TRIALS = 3

@@ -16,7 +16,6 @@ import time
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
-import pytest
 
 from balancectl.config import PoolSettings, SchedulerSettings
 from balancectl.db import Database
@@ -24,8 +23,6 @@ from balancectl.scheduler import Scheduler, SchedulerStore
 from balancectl.scheduler.registry import parse_jobs
 from tests.conftest import sql
 from tests.faults import proxied
-
-pytestmark = pytest.mark.serial
 
 TTL = 3.0
 JOBS = '[[jobs]]\nname = "{}"\nfunction = "balancectl.jobs.builtin:idle"\ninterval = "1h"\n'

@@ -33,7 +33,7 @@ from tests.scheduling import (
     write_jobs,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.serial]
+pytestmark = pytest.mark.slow
 
 TTL, SETTLE = 3.0, 0.5
 JOB = "snap"

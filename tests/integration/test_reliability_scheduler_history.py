@@ -33,7 +33,7 @@ from tests.scheduling import (
     write_jobs,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.serial]
+pytestmark = pytest.mark.slow
 
 TTL = 3.0
 SLACK = 0.5  # an HTTP poll on a busy 2-core machine

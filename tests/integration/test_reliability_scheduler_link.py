@@ -28,8 +28,6 @@ from tests.faults import proxied
 from tests.processes import ClusterFactory, node_args
 from tests.scheduling import POLL, running, wait_for, write_jobs
 
-pytestmark = pytest.mark.serial
-
 TTL = 3.0
 
 

@@ -30,7 +30,7 @@ from tests.scheduling import (
     write_jobs,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.serial]
+pytestmark = pytest.mark.slow
 
 NODES, TTL, POLL, SETTLE = 5, 3.0, 0.2, 2.0
 JOBS = [f"job-{n}" for n in range(1, 6)]

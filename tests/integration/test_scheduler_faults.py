@@ -13,8 +13,6 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-import pytest
-
 from balancectl.toolkit.cluster import LocalCluster, NodeProcess
 from tests.conftest import sql
 from tests.faults import proxied
@@ -31,8 +29,6 @@ from tests.scheduling import (
     wait_for,
     write_jobs,
 )
-
-pytestmark = pytest.mark.serial
 
 TTL = 3.0
 BUSY = "tests.jobs:busy"
