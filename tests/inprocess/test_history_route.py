@@ -6,23 +6,7 @@ tests/integration/test_scheduler_history.py.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import pytest
-from litestar import Litestar
-from litestar.testing import AsyncTestClient
-
-from balancectl.api import create_app
-from balancectl.config import NodeSettings, SchedulerSettings
-
-Client = AsyncTestClient[Litestar]
-
-
-@pytest.fixture
-async def client(database_url: str) -> AsyncIterator[Client]:
-    settings = NodeSettings(database_url, scheduler=SchedulerSettings(enabled=False))
-    async with AsyncTestClient(app=create_app(settings)) as test_client:
-        yield test_client
+from tests.inprocess.conftest import Client
 
 
 async def test_history_limit_out_of_range_is_a_problem(client: Client) -> None:
