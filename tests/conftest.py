@@ -183,7 +183,8 @@ def tcp_port() -> int:
 # The tests that run one after another under pytest-xdist, by chain (path or node id prefix).
 # serial: each bounds a time (a takeover within TTL + slack, a 503 within a deadline), so no
 # two of them may run side by side. heavy: each loads the whole machine (a 10,000-request
-# burst, five to twenty nodes started at once), so no two of them may either.
+# burst, five to twenty nodes started at once, whose registrations must fall within the
+# settle delay for an even first round), so no two of them may either.
 CHAINS = {
     "serial": (
         "tests/e2e/test_multihost_netns.py",
@@ -200,11 +201,14 @@ CHAINS = {
     ),
     "heavy": (
         "tests/e2e/test_burst.py",
+        "tests/e2e/test_default_jobs.py",
         "tests/e2e/test_faults_kill9_burst.py",
         "tests/e2e/test_faults_pgbouncer.py",
         "tests/e2e/test_newcomer_demo.py",
         "tests/e2e/test_scale_pgbouncer.py",
         "tests/integration/test_cli.py::test_demo_runs_the_whole_story",
+        "tests/integration/test_node_start.py::test_five_nodes_started_at_once",
+        "tests/integration/test_scheduler_spread.py",
     ),
 }
 
