@@ -5,6 +5,10 @@ on free loopback ports against the test's own database, waits until each answers
 ``/readyz``, and stops them all (SIGTERM, then SIGKILL) when the test ends. Each
 node's log goes to a file under the test's tmp_path; on failure the logs are printed.
 
+``api_node`` is one API-only node on a database of its own, shared by a module's tests;
+``busy_port`` a port another program listens on. ``http_json``, ``raw_get`` and
+``post_debit`` are requests with the standard library.
+
 ``Launched`` runs one ``balancectl`` command as a user would, in a session of its own:
 whatever it starts (nodes, their workers, their process groups) stays in that session,
 so ``leftovers()`` finds them by session id, never by name.
