@@ -15,6 +15,9 @@ nox.options.reuse_venv = "yes"
 nox.options.error_on_external_run = True
 
 SOURCES = ("balancectl", "tests", "alembic", "benchmarks", "noxfile.py")
+# The tests wait on nodes far more than they compute, so four workers share two cores well;
+# tests/conftest.py groups what must not run side by side.
+PARALLEL = ("-n", "4", "--dist", "loadgroup")
 
 
 @nox.session
@@ -35,6 +38,7 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """pytest against BALANCECTL_TEST_DATABASE_URL, else an embedded PostgreSQL."""
+    """pytest against BALANCECTL_TEST_DATABASE_URL, else an embedded PostgreSQL, on four
+    pytest-xdist workers (``nox -s tests -- -n 0`` runs it in one process)."""
     session.install(".[test]")
-    session.run("pytest", *session.posargs)
+    session.run("pytest", *PARALLEL, *session.posargs)

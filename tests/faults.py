@@ -4,20 +4,37 @@ A node reaches PostgreSQL through ``TcpProxy``; ``cut("reject")`` resets every o
 connection and refuses new ones (a firewall REJECT rule), ``cut("drop")`` keeps
 connections open but forwards nothing and leaves new ones hanging (a DROP rule, or a
 pulled cable); ``restore()`` lets traffic flow again. It runs its own event loop in a
-thread, so it works beside both synchronous and asynchronous tests.
+thread, so it works beside both synchronous and asynchronous tests. ``through(url, proxy)``
+is a database URL that goes through the proxy.
+
+The ``spawn`` fixture starts ``balancectl serve`` with a node id and a database URL of the
+test's choosing (one through a proxy, say), all logging to ``nodes.log`` in the test's
+tmp_path; ``log_line`` and ``logged_at`` find a node's line there and its time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import struct
+import subprocess
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from balancectl.toolkit.cluster import NodeProcess, node_command, pump, ready
+from tests.conftest import free_port
+from tests.scheduling import wait_for
 
 T = TypeVar("T")
+Spawn = Callable[[str, str, Sequence[str]], NodeProcess]
 
 
 class TcpProxy:
@@ -133,3 +150,70 @@ def proxied(target_host: str, target_port: int) -> Iterator[TcpProxy]:
         yield proxy
     finally:
         proxy.stop()
+
+
+def through(database_url: str, proxy: TcpProxy) -> str:
+    """The same database, reached through the proxy."""
+    parts = urlsplit(database_url)
+    return urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}"))
+
+
+@pytest.fixture
+def spawn(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Spawn]:
+    """Start ``balancectl serve`` with a given node id and database URL; stop all after."""
+    log = (tmp_path / "nodes.log").open("w")
+    nodes: list[NodeProcess] = []
+
+    def start(node_id: str, database_url: str, args: Sequence[str]) -> NodeProcess:
+        port = free_port()
+        process = subprocess.Popen(
+            node_command(node_id, port, args),
+            env={**os.environ, "BALANCECTL_DATABASE_URL": database_url},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        node = NodeProcess(node_id, port, process)
+        assert process.stdout is not None
+        node.pump = threading.Thread(
+            target=pump, args=(process.stdout, f"[{node_id}]", log), daemon=True
+        )
+        node.pump.start()
+        nodes.append(node)
+        wait_for(f"{node_id} ready", lambda: ready(node.url) or process.poll() is not None, 60)
+        assert process.poll() is None, f"{node_id} exited with {process.returncode}"
+        return node
+
+    yield start
+    for node in nodes:
+        if node.process.poll() is None:
+            node.process.terminate()
+    for node in nodes:
+        try:
+            node.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            node.process.kill()
+            node.process.wait()
+        node.reap()
+    log.close()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print("===== nodes.log (last 120 lines)")
+        print("\n".join((tmp_path / "nodes.log").read_text().splitlines()[-120:]))
+
+
+def log_line(log: Path, node_id: str, text: str) -> str | None:
+    return next(
+        (
+            line
+            for line in log.read_text().splitlines()
+            if line.startswith(f"[{node_id}] ") and text in line
+        ),
+        None,
+    )
+
+
+def logged_at(line: str) -> datetime:
+    """The time of a node's log line (``[id] 2026-01-01 12:00:00,123 ...``), local zone."""
+    _, day, clock = line.split(" ", 3)[:3]
+    return datetime.strptime(f"{day} {clock}", "%Y-%m-%d %H:%M:%S,%f").astimezone()

@@ -2,8 +2,10 @@
 
 ``pgbouncer(database_url)`` starts one (``pool_mode = transaction``, ``auth_type = trust``
 with an auth file naming the URL's user) and yields it; ``bouncer.url`` is the same
-database reached through it. PgBouncer refuses to run as root, so as root it runs as
-the system user ``postgres`` (its files then live in a folder that user owns).
+database reached through it. The ``bouncer`` fixture is one (pool size 20) for a test's
+own database; request it before ``cluster_factory``, so that the nodes stop first.
+PgBouncer refuses to run as root, so as root it runs as the system user ``postgres``
+(its files then live in a folder that user owns).
 
 Without the ``pgbouncer`` binary the calling test fails, saying how to install it: CI
 installs it, so a missing binary is a broken environment, never a reason to skip.
@@ -155,3 +157,10 @@ def pgbouncer(database_url: str, *, pool_size: int = 20) -> Iterator[PgBouncer]:
         yield bouncer.start()
     finally:
         bouncer.stop()
+
+
+@pytest.fixture
+def bouncer(database_url: str) -> Iterator[PgBouncer]:
+    """Requested before ``cluster_factory``: the nodes stop before their bouncer does."""
+    with pgbouncer(database_url, pool_size=20) as running_bouncer:
+        yield running_bouncer

@@ -5,6 +5,10 @@ on free loopback ports against the test's own database, waits until each answers
 ``/readyz``, and stops them all (SIGTERM, then SIGKILL) when the test ends. Each
 node's log goes to a file under the test's tmp_path; on failure the logs are printed.
 
+``api_node`` is one API-only node on a database of its own, shared by a module's tests;
+``busy_port`` a port another program listens on. ``http_json``, ``raw_get`` and
+``post_debit`` are requests with the standard library.
+
 ``Launched`` runs one ``balancectl`` command as a user would, in a session of its own:
 whatever it starts (nodes, their workers, their process groups) stays in that session,
 so ``leftovers()`` finds them by session id, never by name.
@@ -14,7 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,12 +28,13 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
+from urllib.parse import urlsplit
 
 import pytest
 
 from balancectl.toolkit.cluster import LocalCluster
-from tests.conftest import free_port
+from tests.conftest import RUN_PREFIX, create_database, drop_database, free_port
 
 ClusterFactory = Callable[..., LocalCluster]
 
@@ -50,6 +57,94 @@ def http_json(
             return response.status, json.loads(response.read() or b"null")
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read() or b"null")
+
+
+def raw_get(url: str) -> tuple[int, str, Any]:
+    """Status, Content-Type and JSON body of one GET, error statuses included."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.headers["Content-Type"], json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers["Content-Type"], json.loads(error.read())
+
+
+class Answer(NamedTuple):
+    """A request's answer: its status (``None`` when no answer came: the connection
+    failed), Content-Type, decoded JSON body, and the seconds it took."""
+
+    status: int | None
+    content_type: str
+    body: Any
+    seconds: float
+
+
+def post_debit(url: str, key: str, amount: int, timeout: float = 30.0) -> Answer:
+    """A keyed change of user 1's balance by ``amount``, timed."""
+    request = urllib.request.Request(
+        f"{url}/users/1/balance",
+        data=json.dumps({"amount": amount}).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", "Idempotency-Key": key},
+    )
+    began = time.monotonic()
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, headers, raw = response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:
+        status, headers, raw = error.code, error.headers, error.read()
+    except OSError:
+        return Answer(None, "", None, time.monotonic() - began)
+    content_type = headers.get("Content-Type", "")
+    return Answer(status, content_type, json.loads(raw), time.monotonic() - began)
+
+
+class ApiNode(NamedTuple):
+    """A node's base URL and its database's URL."""
+
+    url: str
+    database_url: str
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        port = urlsplit(self.url).port
+        assert port is not None, self.url
+        return port
+
+
+@pytest.fixture(scope="module")
+def api_node(
+    server_url: str,
+    template_database: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+) -> Iterator[ApiNode]:
+    """One node (API only) on a database of its own (a copy of the template), shared by a
+    module's tests that change nothing there; at the end, its log holds no traceback.
+
+    A module's ``NODE_ARGS`` (a sequence of ``serve`` options) are added to its node's."""
+    name = f"{RUN_PREFIX}_node_{secrets.token_hex(3)}"
+    database_url = create_database(server_url, name, template=template_database)
+    log_path = tmp_path_factory.mktemp("api-node") / "node.log"
+    with log_path.open("w") as log:
+        cluster = LocalCluster(
+            database_url,
+            1,
+            extra_args=["--no-scheduler", *getattr(request.module, "NODE_ARGS", ())],
+            log=log,
+            ports=[free_port()],
+        )
+        try:
+            cluster.start()
+            cluster.wait_ready(timeout=90)
+            yield ApiNode(cluster.urls[0], database_url)
+        finally:
+            cluster.stop()
+            drop_database(server_url, name)
+    assert "Traceback" not in log_path.read_text()  # nothing a test sent made the node fail
 
 
 @pytest.fixture
@@ -91,6 +186,16 @@ def cluster_factory(
         for path in sorted(tmp_path.glob("cluster-*.log")):
             print(f"===== {path.name} (last 80 lines)")
             print("\n".join(path.read_text().splitlines()[-80:]))
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A free port that another program now listens on (and never accepts: a connection
+    there hangs)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", free_port()))
+        listener.listen()
+        yield int(listener.getsockname()[1])
 
 
 def node_args(

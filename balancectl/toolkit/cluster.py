@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, TypeVar
 
 from balancectl.errors import ConfigError
@@ -215,12 +216,33 @@ def _wait_or_kill(node: NodeProcess, deadline: float) -> None:
 def _wait_group_gone(group: int, deadline: float) -> None:
     # The group id stays reserved while any member lives, so it names no one else here.
     while time.monotonic() < deadline:
-        try:
-            os.killpg(group, 0)
-        except ProcessLookupError:
+        if not group_alive(group):
             return
         time.sleep(0.05)
     _kill_group(group)
+
+
+def group_alive(group: int) -> bool:
+    """Whether a process of ``group`` still runs. A member that has exited but is not yet
+    reaped (a zombie: its parent, the node, is gone and init reaps it when it gets to it)
+    runs nothing and holds nothing, so it does not count."""
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    proc = Path("/proc")
+    if not proc.is_dir():  # no process table to read: a signal delivered is a process
+        return True
+    return any(_runs_in_group(entry, group) for entry in proc.iterdir() if entry.name.isdigit())
+
+
+def _runs_in_group(entry: Path, group: int) -> bool:
+    try:
+        stat = (entry / "stat").read_text()
+    except OSError:  # it ended while we looked
+        return False
+    state, _, pgrp = stat.rsplit(")", 1)[1].split()[:3]  # after "pid (command)"
+    return state != "Z" and int(pgrp) == group
 
 
 def _kill_group(group: int) -> None:

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_scheduler_history import POLL, jobs_listing, wait_for, write_jobs
 from tests.processes import ClusterFactory, http_json, node_args
+from tests.scheduling import POLL, jobs_listing, wait_for, write_jobs
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 pytestmark = [

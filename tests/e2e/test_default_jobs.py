@@ -11,14 +11,14 @@ import pytest
 
 from balancectl.scheduler import load_jobs
 from tests.conftest import sql
-from tests.integration.test_scheduler_history import (
+from tests.processes import ClusterFactory
+from tests.scheduling import (
     assert_listing_agrees,
     assert_no_overlap,
     history,
     jobs_listing,
     wait_for,
 )
-from tests.processes import ClusterFactory
 
 NODES = 5
 

@@ -26,7 +26,7 @@ import psycopg
 import pytest
 from psycopg.rows import TupleRow
 
-from balancectl.toolkit.cluster import NodeProcess
+from balancectl.toolkit.cluster import LocalCluster, NodeProcess
 from balancectl.toolkit.loadtest import LoadtestConfig, LoadtestReport, run_loadtest
 from tests.conftest import sql
 from tests.ledger import assert_ledger_adds_up, balance_in_database
@@ -144,14 +144,20 @@ def assert_every_node_but_the_victim_reads(
             assert http_json(f"{url}/users/1") == (200, {"userId": 1, "balance": balance})
 
 
+async def killed_mid_burst(
+    cluster_factory: ClusterFactory, database_url: str, idempotent: bool
+) -> tuple[LocalCluster, NodeProcess, LoadtestReport, Kill]:
+    """The burst on ``NODES`` nodes, the victim killed during it."""
+    cluster = cluster_factory(NODES, *CLUSTER_ARGS)
+    victim = cluster.node(VICTIM)
+    report, kill = await burst_with_kill(cluster.urls, victim, database_url, idempotent)
+    return cluster, victim, report, kill
+
+
 async def test_kill_9_mid_burst_with_keys_every_request_ends_once(
     cluster_factory: ClusterFactory, database_url: str
 ) -> None:
-    cluster = cluster_factory(NODES, *CLUSTER_ARGS)
-    victim = cluster.node(VICTIM)
-
-    report, kill = await burst_with_kill(cluster.urls, victim, database_url, idempotent=True)
-
+    cluster, victim, report, kill = await killed_mid_burst(cluster_factory, database_url, True)
     verdict = report.verdict
     assert kill.debits < REQUESTS // AMOUNT // 2, "the kill came too late to be mid-burst"
     assert report.retries > 0, "no request met the dead node: the fault proved nothing"
@@ -174,11 +180,7 @@ async def test_kill_9_mid_burst_with_keys_every_request_ends_once(
 async def test_kill_9_mid_burst_without_keys_the_ledger_explains_the_balance(
     cluster_factory: ClusterFactory, database_url: str
 ) -> None:
-    cluster = cluster_factory(NODES, *CLUSTER_ARGS)
-    victim = cluster.node(VICTIM)
-
-    report, kill = await burst_with_kill(cluster.urls, victim, database_url, idempotent=False)
-
+    cluster, victim, report, kill = await killed_mid_burst(cluster_factory, database_url, False)
     verdict = report.verdict
     debits = ledger_debits(database_url)
     applied = len(debits)

@@ -14,29 +14,26 @@ PgBouncer must be installed (``apt-get install pgbouncer``): without it the test
 from __future__ import annotations
 
 import time
-from collections import Counter
-from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from balancectl.toolkit.cluster import LocalCluster, NodeProcess
+from balancectl.toolkit.cluster import LocalCluster
 from balancectl.toolkit.loadtest import LoadtestConfig, run_loadtest
-from tests.conftest import sql
-from tests.integration.test_scheduler_history import (
+from tests.ledger import assert_burst_exact
+from tests.pgbouncer import PgBouncer
+from tests.processes import ClusterFactory, node_args
+from tests.scheduling import (
     POLL,
     assert_listing_agrees,
     assert_no_overlap,
     history,
-    jobs_listing,
+    lease,
+    per_node,
     running,
     wait_for,
     write_jobs,
 )
-from tests.pgbouncer import PgBouncer, pgbouncer
-from tests.processes import ClusterFactory, http_json, node_args
 
 pytestmark = pytest.mark.slow
 
@@ -44,27 +41,7 @@ NODES = 5
 JOBS = [f"job-{n}" for n in range(1, NODES + 1)]
 TTL = 3.0
 SLACK = 2.0  # claim latency, an HTTP poll and a busy 2-core machine
-REQUESTS, AMOUNT, START = 10000, 2, 10000
-
-
-def all_running(observer: NodeProcess) -> dict[str, dict[str, Any]] | None:
-    listing = jobs_listing(observer)
-    return listing if all(job["state"] == "running" for job in listing.values()) else None
-
-
-def per_node(cluster: LocalCluster, observer: NodeProcess) -> dict[str, int]:
-    """How many jobs each live node runs, as ``GET /jobs`` on ``observer`` shows."""
-    listing = wait_for("every job to run", lambda: all_running(observer), timeout=30)
-    counts = Counter(str(job["node"]) for job in listing.values())
-    live = [node for node in cluster.members if node.process.poll() is None]
-    return {node.node_id: counts.get(node.node_id, 0) for node in live}
-
-
-def lease(database_url: str, job: str) -> tuple[int, str, datetime]:
-    [(token, owner, expires)] = sql(
-        database_url, "SELECT token, owner, lease_expires_at FROM jobs WHERE name = %s", (job,)
-    )
-    return int(token), str(owner), expires
+REQUESTS, AMOUNT = 10000, 2  # on 10,000: assert_burst_exact
 
 
 async def burst_is_exact(cluster: LocalCluster, database_url: str) -> None:
@@ -78,15 +55,7 @@ async def burst_is_exact(cluster: LocalCluster, database_url: str) -> None:
         f"other: {verdict.other_outcomes}, final {verdict.final_balance}, "
         f"wall {report.wall_seconds:.1f} s, {report.requests_per_second:.0f} req/s"
     )
-    assert report.passed, verdict.failures
-    assert (verdict.start_balance, verdict.successes, verdict.insufficient) == (START, 5000, 5000)
-    assert verdict.other_outcomes == {} and verdict.final_balance == 0
-    debits = sql(database_url, "SELECT count(*), sum(amount) FROM ledger WHERE amount < 0")
-    assert debits == [(5000, -AMOUNT * 5000)]
-    assert sql(database_url, "SELECT balance FROM users WHERE id = 1") == [(0,)]
-    assert sql(database_url, "SELECT sum(amount) FROM ledger WHERE user_id = 1") == [(0,)]
-    for url in cluster.urls:
-        assert http_json(f"{url}/users/1") == (200, {"userId": 1, "balance": 0})
+    assert_burst_exact(report, database_url, cluster.urls)
 
 
 def kill_and_measure_takeover(cluster: LocalCluster, database_url: str) -> None:
@@ -112,15 +81,8 @@ def kill_and_measure_takeover(cluster: LocalCluster, database_url: str) -> None:
     [lost] = [run for run in history(observer, job=job) if run.token == token]
     assert (lost.node, lost.status, lost.finished_at) == (victim.node_id, "lost", expiry), lost
     assert lost.error == f"lease expired; taken over by {new_owner}", lost
-    spread = per_node(cluster, observer)
+    spread = per_node(cluster, observer, timeout=30)
     assert sorted(spread.values()) == [1, 1, 1, 2], spread  # 5 jobs on 4 nodes: within one
-
-
-@pytest.fixture
-def bouncer(database_url: str) -> Iterator[PgBouncer]:
-    """Requested before ``cluster_factory``: the nodes stop before their bouncer does."""
-    with pgbouncer(database_url, pool_size=20) as running_bouncer:
-        yield running_bouncer
 
 
 def test_scheduler_through_pgbouncer_spreads_and_takes_over(
@@ -131,7 +93,7 @@ def test_scheduler_through_pgbouncer_spreads_and_takes_over(
     cluster = cluster_factory(NODES, "--no-prepare", *args, url=bouncer.url)
     observer = cluster.members[0]
 
-    first = per_node(cluster, observer)
+    first = per_node(cluster, observer, timeout=30)
     print(f"\nfirst round through PgBouncer: {first}")
     assert set(first.values()) == {1}, first
     kill_and_measure_takeover(cluster, database_url)

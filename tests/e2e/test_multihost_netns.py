@@ -43,10 +43,10 @@ import pytest
 
 from balancectl.toolkit.cluster import pump
 from tests.conftest import sql
-from tests.integration.test_faults_partition import log_line, logged_at
-from tests.integration.test_scheduler_history import Run, assert_no_overlap, parse_run, wait_for
+from tests.faults import log_line, logged_at
 from tests.netns import Forwarder, Host, KernelRefused, hosts, netem_refusal
 from tests.processes import node_args
+from tests.scheduling import Run, assert_no_overlap, parse_run, wait_for
 
 pytestmark = pytest.mark.slow
 

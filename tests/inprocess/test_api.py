@@ -7,25 +7,15 @@ metrics). What needs processes (crashes, signals, several nodes) is in tests/int
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
-from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from balancectl.api import create_app
 from balancectl.config import NodeSettings, SchedulerSettings
 from tests.conftest import sql
+from tests.inprocess.conftest import Client
 
 J = {"Content-Type": "application/json"}
-Client = AsyncTestClient[Litestar]
-
-
-@pytest.fixture
-async def client(database_url: str) -> AsyncIterator[Client]:
-    settings = NodeSettings(database_url, scheduler=SchedulerSettings(enabled=False))
-    async with AsyncTestClient(app=create_app(settings)) as test_client:
-        yield test_client
 
 
 async def test_a_debit_applies_and_is_in_the_ledger(

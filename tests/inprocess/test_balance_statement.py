@@ -11,18 +11,14 @@ import pytest
 from balancectl import balance
 from balancectl.config import PoolSettings
 from balancectl.db import Database
-from tests.conftest import sql
+from tests.conftest import open_database, sql
 from tests.ledger import assert_ledger_adds_up
 
 
 @pytest.fixture
 async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url, PoolSettings(min_size=1, max_size=5))
-    await database.open(wait=True)
-    try:
+    async with open_database(database_url, PoolSettings(min_size=1, max_size=5)) as database:
         yield database
-    finally:
-        await database.close()
 
 
 async def test_concurrent_debits_on_one_row_are_exact(db: Database, database_url: str) -> None:

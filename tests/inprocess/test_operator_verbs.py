@@ -64,6 +64,14 @@ async def claim(store: SchedulerStore, name: str) -> Claim | None:
     return await store.claim([name], settle=0.0, starve_after=3600.0, may_starve=False)
 
 
+async def running(store: SchedulerStore, url: str, name: str) -> Claim:
+    """A job due now, claimed by ``store``'s node: its run in progress."""
+    add_job(url, name, due_in=-1)
+    first = await store.claim([name], 0.0, 3600.0, False)
+    assert first is not None
+    return first
+
+
 async def test_run_makes_a_waiting_job_due_now(client: Client, database_url: str) -> None:
     add_job(database_url, "later")
     reply = await client.post("/jobs/later/run", headers=BEARER)
@@ -122,9 +130,7 @@ async def test_a_paused_job_is_not_claimed_until_resumed(
 async def test_run_on_a_running_job_is_due_when_its_run_ends_not_before(
     client: Client, store: SchedulerStore, database_url: str
 ) -> None:
-    add_job(database_url, "busy", due_in=-1)
-    first = await store.claim(["busy"], 0.0, 3600.0, False)
-    assert first is not None
+    first = await running(store, database_url, "busy")
     reply = await client.post("/jobs/busy/run", headers=BEARER)
     assert (reply.status_code, reply.json()["state"]) == (200, "running")
     assert await claim(store, "busy") is None  # its lease is held: no second copy
@@ -139,9 +145,7 @@ async def test_run_on_a_running_job_is_due_when_its_run_ends_not_before(
 async def test_a_run_without_a_request_keeps_its_interval(
     store: SchedulerStore, database_url: str
 ) -> None:
-    add_job(database_url, "steady", due_in=-1)
-    first = await store.claim(["steady"], 0.0, 3600.0, False)
-    assert first is not None
+    first = await running(store, database_url, "steady")
     await store.finish("steady", first.token, "succeeded", None)
     assert next_run_at(database_url, "steady") >= first.started_at + timedelta(seconds=599)
 
@@ -149,9 +153,7 @@ async def test_a_run_without_a_request_keeps_its_interval(
 async def test_pausing_a_running_job_lets_its_run_finish(
     client: Client, store: SchedulerStore, database_url: str
 ) -> None:
-    add_job(database_url, "long", due_in=-1)
-    first = await store.claim(["long"], 0.0, 3600.0, False)
-    assert first is not None
+    first = await running(store, database_url, "long")
     paused = (await client.post("/jobs/long/pause", headers=BEARER)).json()
     assert (paused["state"], paused["paused"]) == ("running", True)
     renewal = await store.renew({"long": first.token}, ["long"], claim_deadline=10.0)
@@ -165,9 +167,7 @@ async def test_pausing_a_running_job_lets_its_run_finish(
 async def test_pause_with_stop_tells_the_owner_at_its_renewal_to_stop_that_run(
     client: Client, store: SchedulerStore, database_url: str
 ) -> None:
-    add_job(database_url, "long", due_in=-1)
-    first = await store.claim(["long"], 0.0, 3600.0, False)
-    assert first is not None
+    first = await running(store, database_url, "long")
     plain = await store.renew({"long": first.token}, ["long"], claim_deadline=10.0)
     assert plain.stop == set()
     reply = await client.post("/jobs/long/pause?stop=true", headers=BEARER)
@@ -187,9 +187,7 @@ async def test_pause_with_stop_tells_the_owner_at_its_renewal_to_stop_that_run(
 async def test_resume_calls_off_a_stop_not_yet_carried_out(
     client: Client, store: SchedulerStore, database_url: str
 ) -> None:
-    add_job(database_url, "long", due_in=-1)
-    first = await store.claim(["long"], 0.0, 3600.0, False)
-    assert first is not None
+    first = await running(store, database_url, "long")
     await client.post("/jobs/long/pause?stop=true", headers=BEARER)
     await client.post("/jobs/long/resume", headers=BEARER)
     renewal = await store.renew({"long": first.token}, ["long"], claim_deadline=10.0)

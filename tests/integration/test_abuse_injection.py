@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
+import pytest
+
 from balancectl.sql.loader import all_queries
 from tests.conftest import sql
 from tests.processes import ClusterFactory
@@ -125,11 +127,14 @@ USER_IDS = ["1;DROP TABLE users", "1 OR 1=1", "1' OR '1'='1", "1--", "1/**/OR/**
 FILTERS = ["' OR 1=1 --", "audit' --", "audit'; DROP TABLE job_runs; --", "%", "_udit", "\\"]
 
 
-def test_sql_looking_inputs_are_refused_or_taken_literally(
-    cluster_factory: ClusterFactory, database_url: str
-) -> None:
+@pytest.fixture
+def url(cluster_factory: ClusterFactory, database_url: str) -> str:
+    """An API-only node on the test's database, which holds a job and a finished run."""
     add_history(database_url)
-    url = cluster_factory(1, "--no-scheduler").urls[0]
+    return cluster_factory(1, "--no-scheduler").urls[0]
+
+
+def test_sql_looking_inputs_are_refused_or_taken_literally(url: str, database_url: str) -> None:
     before = table_counts(database_url)
 
     for user in USER_IDS:
@@ -152,10 +157,7 @@ def test_sql_looking_inputs_are_refused_or_taken_literally(
     assert len(call(url, "GET", "/jobs/history?job=audit")[2]["runs"]) == 1  # the filter works
 
 
-def test_a_key_that_looks_like_sql_is_stored_as_sent(
-    cluster_factory: ClusterFactory, database_url: str
-) -> None:
-    url = cluster_factory(1, "--no-scheduler").urls[0]
+def test_a_key_that_looks_like_sql_is_stored_as_sent(url: str, database_url: str) -> None:
     key = "k');DROP/**/TABLE/**/ledger;--'\"\\"
 
     first = call(url, "POST", "/users/1/balance", b'{"amount": -2}', key=key)

@@ -24,15 +24,13 @@ import socket
 import statistics
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
-from urllib.parse import urlsplit
 
 import pytest
 
-from balancectl.toolkit.cluster import LocalCluster
-from tests.conftest import RUN_PREFIX, create_database, drop_database, free_port, sql
+from tests.conftest import sql
+from tests.processes import ApiNode
 
 PROBLEM_JSON = "application/problem+json"
 BODY_LIMIT = 4096
@@ -40,41 +38,16 @@ KEEP_ALIVE_TIMEOUT = 30.0  # balancectl/node.py: uvicorn.Config(timeout_keep_ali
 # The node's silent-connection deadline here: the default 60 s, shortened so the watch
 # below (the keep-alive timeout + 5 s) sees a silent client cut off.
 SILENT_TIMEOUT = 10.0
+NODE_ARGS = ("--first-byte-timeout", str(SILENT_TIMEOUT))  # the module node's (api_node)
 PROMPTLY = 5.0  # seconds: far above any answer here, far below any "waited for the client"
 
 
-class Node(NamedTuple):
-    host: str
-    port: int
-    database_url: str
+Node = ApiNode
 
 
 @pytest.fixture(scope="module")
-def node(
-    server_url: str, template_database: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Node]:
-    """One node (API only) on a database of its own, shared by this module's tests."""
-    name = f"{RUN_PREFIX}_limits_{secrets.token_hex(3)}"
-    database_url = create_database(server_url, name, template=template_database)
-    log_path = tmp_path_factory.mktemp("limits-node") / "node.log"
-    with log_path.open("w") as log:
-        cluster = LocalCluster(
-            database_url,
-            1,
-            extra_args=["--no-scheduler", "--first-byte-timeout", str(SILENT_TIMEOUT)],
-            log=log,
-            ports=[free_port()],
-        )
-        try:
-            cluster.start()
-            cluster.wait_ready(timeout=90)
-            address = urlsplit(cluster.urls[0])
-            assert address.hostname is not None and address.port is not None
-            yield Node(address.hostname, address.port, database_url)
-        finally:
-            cluster.stop()
-            drop_database(server_url, name)
-    assert "Traceback" not in log_path.read_text()  # no abuse here made the node fail
+def node(api_node: ApiNode) -> ApiNode:
+    return api_node
 
 
 def connect(node: Node, timeout: float = PROMPTLY) -> socket.socket:

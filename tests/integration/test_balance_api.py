@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import secrets
 import threading
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -21,9 +20,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from balancectl.migrations import head_revision
-from balancectl.toolkit.cluster import LocalCluster
-from tests.conftest import RUN_PREFIX, create_database, drop_database, free_port, sql
-from tests.processes import ClusterFactory
+from tests.conftest import sql
+from tests.processes import ApiNode, ClusterFactory
 
 PROBLEM_JSON = "application/problem+json"
 INT64_MAX = 2**63 - 1
@@ -152,30 +150,12 @@ def add_user(url: str, user: int, balance: int) -> None:
 # --- one shared node for everything that must change nothing ----------------------------------
 
 
-class Node(NamedTuple):
-    url: str
-    database_url: str
+Node = ApiNode
 
 
 @pytest.fixture(scope="module")
-def node(
-    server_url: str, template_database: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Node]:
-    """One node on a database of its own for the module; nothing a test here does changes it."""
-    name = f"{RUN_PREFIX}_api_{secrets.token_hex(3)}"
-    database_url = create_database(server_url, name, template=template_database)
-    log_path = tmp_path_factory.mktemp("api-node") / "node.log"
-    with log_path.open("w") as log:
-        cluster = LocalCluster(
-            database_url, 1, extra_args=[NO_SCHEDULER], log=log, ports=[free_port()]
-        )
-        try:
-            cluster.start()
-            cluster.wait_ready(timeout=90)
-            yield Node(cluster.urls[0], database_url)
-        finally:
-            cluster.stop()
-            drop_database(server_url, name)
+def node(api_node: ApiNode) -> ApiNode:
+    return api_node
 
 
 @pytest.fixture

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -51,15 +51,6 @@ def clear_line(output: str, *parts: str) -> str:
     for part in parts:
         assert part in last, f"{part!r} not in {last!r}\n{output}"
     return last
-
-
-@pytest.fixture
-def busy_port() -> Iterator[int]:
-    """A port another program listens on (and never accepts: a connection there hangs)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
-        listener.bind(("127.0.0.1", free_port()))
-        listener.listen()
-        yield int(listener.getsockname()[1])
 
 
 # --- a busy port --------------------------------------------------------------------------
@@ -213,10 +204,7 @@ def test_embedded_folder_not_writable(command: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_to_up_while_running(sig: int, status: int, database_url: str) -> None:
-    base = free_ports(2)
-    with Launched("up", "--nodes", "2", "--base-port", str(base), "--database-url",
-                  database_url) as up:  # fmt: skip
-        up.wait_for("2 nodes up")
+    with two_nodes_up(database_url) as up:
         os.kill(up.process.pid, sig)
         assert up.finish(timeout=20) == status
         assert up.leftovers() == [], up.output
@@ -225,11 +213,8 @@ def test_signal_to_up_while_running(sig: int, status: int, database_url: str) ->
 
 
 def test_node_killed_under_up_ends_it_with_that_node(database_url: str) -> None:
-    with Launched("up", "--nodes", "2", "--base-port", str(free_ports(2)), "--database-url",
-                  database_url) as up:  # fmt: skip
-        up.wait_for("2 nodes up")
-        node_2 = next(pid for pid in session_processes(up.process.pid) if b"node-2" in cmdline(pid))
-        os.kill(node_2, signal.SIGKILL)
+    with two_nodes_up(database_url) as up:
+        os.kill(node_pid(up, "node-2"), signal.SIGKILL)
         assert up.finish(timeout=30) == 2
         assert up.leftovers() == [], up.output
     clear_line(up.output, "node-2 was killed by SIGKILL; its last line:")
@@ -238,15 +223,27 @@ def test_node_killed_under_up_ends_it_with_that_node(database_url: str) -> None:
 @pytest.mark.slow
 def test_a_stuck_node_is_killed_with_its_process_group(database_url: str) -> None:
     """A node that ignores SIGTERM (stopped here) is SIGKILLed, its whole group with it."""
-    with Launched("up", "--nodes", "2", "--base-port", str(free_ports(2)), "--database-url",
-                  database_url) as up:  # fmt: skip
-        up.wait_for("2 nodes up")
-        node_1 = next(pid for pid in session_processes(up.process.pid) if b"node-1" in cmdline(pid))
-        os.kill(node_1, signal.SIGSTOP)
+    with two_nodes_up(database_url) as up:
+        os.kill(node_pid(up, "node-1"), signal.SIGSTOP)
         os.kill(up.process.pid, signal.SIGTERM)
         assert up.finish(timeout=60) == 143
         assert up.leftovers() == [], up.output
     clear_line(up.output, "stopped by SIGTERM")
+
+
+@contextmanager
+def two_nodes_up(database_url: str) -> Iterator[Launched]:
+    """``balancectl up --nodes 2``, once it says both nodes are up."""
+    with Launched("up", "--nodes", "2", "--base-port", str(free_ports(2)), "--database-url",
+                  database_url) as up:  # fmt: skip
+        up.wait_for("2 nodes up")
+        yield up
+
+
+def node_pid(up: Launched, node_id: str) -> int:
+    """The pid of ``node_id``'s ``balancectl serve`` under ``up``."""
+    marker = node_id.encode()
+    return next(pid for pid in session_processes(up.process.pid) if marker in cmdline(pid))
 
 
 def cmdline(pid: int) -> bytes:

@@ -23,16 +23,14 @@ import pytest
 
 from balancectl.dashboard import AUDIT_FUNCTION
 from tests.conftest import sql
-from tests.faults import proxied
-from tests.integration.test_faults_partition import through
-from tests.integration.test_scheduler_history import (
+from tests.faults import proxied, through
+from tests.processes import ClusterFactory, http_json, node_args, raw_get
+from tests.scheduling import (
     POLL,
     jobs_listing,
-    raw_get,
     wait_for,
     write_jobs,
 )
-from tests.processes import ClusterFactory, http_json, node_args
 
 ROOT = Path(__file__).resolve().parents[2]
 STATIC = ("index.html", "dashboard.css", "dashboard.js")

@@ -16,7 +16,6 @@ every node while it is down, and starts it again:
 from __future__ import annotations
 
 import itertools
-import json
 import threading
 import time
 import urllib.error
@@ -26,7 +25,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -34,14 +32,14 @@ from balancectl.migrations import upgrade
 from balancectl.toolkit.cluster import LocalCluster, NodeProcess, ready
 from balancectl.toolkit.embedded import embedded_database_url, stop_embedded
 from tests.conftest import sql
-from tests.integration.test_scheduler_history import (
+from tests.processes import ClusterFactory, node_args, post_debit
+from tests.scheduling import (
     assert_no_overlap,
     history,
     jobs_listing,
     wait_for,
     write_jobs,
 )
-from tests.processes import ClusterFactory, node_args
 
 pytestmark = pytest.mark.slow
 
@@ -51,34 +49,6 @@ JOB = "tick"
 DOWN_FOR = 5.0  # seconds the server stays down (at least)
 FAST = 3.0  # a 503 while the database is down must come quicker than this
 RETRYABLE = {None, 502, 503, 504}
-
-
-@dataclass
-class Answer:
-    status: int | None
-    content_type: str
-    body: Any
-    seconds: float
-
-
-def post_debit(url: str, key: str, timeout: float = 30.0) -> Answer:
-    """A keyed debit of 1; a transport failure is status ``None``."""
-    request = urllib.request.Request(
-        f"{url}/users/1/balance",
-        data=b'{"amount": -1}',
-        method="POST",
-        headers={"Content-Type": "application/json", "Idempotency-Key": key},
-    )
-    began = time.monotonic()
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            status, headers, raw = response.status, response.headers, response.read()
-    except urllib.error.HTTPError as error:
-        status, headers, raw = error.code, error.headers, error.read()
-    except OSError:
-        return Answer(None, "", None, time.monotonic() - began)
-    content_type = headers.get("Content-Type", "")
-    return Answer(status, content_type, json.loads(raw), time.monotonic() - began)
 
 
 def get_status(url: str, timeout: float = 30.0) -> tuple[int | None, float]:
@@ -118,7 +88,7 @@ class Load:
             if self.stop.is_set():
                 return
             key = f"load-{uuid.uuid4()}"
-            self.answers[key] = post_debit(url, key).status
+            self.answers[key] = post_debit(url, key, -1).status
             time.sleep(0.02)
 
     def unsettled(self) -> list[str]:
@@ -129,7 +99,7 @@ def settle(urls: list[str], keys: list[str], answers: dict[str, int | None]) -> 
     """Retry every unsettled key, on each node in turn, until it has a definite answer."""
     for key in keys:
         for attempt in range(20):
-            answers[key] = post_debit(urls[attempt % len(urls)], key).status
+            answers[key] = post_debit(urls[attempt % len(urls)], key, -1).status
             if answers[key] not in RETRYABLE:
                 break
             time.sleep(0.5)
@@ -141,7 +111,7 @@ def probe_while_down(cluster: LocalCluster, answers: dict[str, int | None]) -> l
     seconds: list[float] = []
     for node in cluster.members:
         key = f"outage-{node.node_id}-{uuid.uuid4()}"
-        answer = post_debit(node.url, key)
+        answer = post_debit(node.url, key, -1)
         answers[key] = answer.status
         assert answer.status == 503, (node.node_id, answer)
         assert answer.content_type.startswith("application/problem+json"), answer
@@ -166,7 +136,7 @@ def recovery_seconds(
             if node.node_id in recovered or not ready(node.url):
                 continue
             key = f"after-{node.node_id}-{uuid.uuid4()}"
-            answers[key] = post_debit(node.url, key).status
+            answers[key] = post_debit(node.url, key, -1).status
             if answers[key] == 200:
                 recovered[node.node_id] = time.monotonic() - up
         time.sleep(0.1)

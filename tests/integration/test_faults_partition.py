@@ -18,34 +18,26 @@ them). Whatever the mode:
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pytest
 
-from balancectl.toolkit.cluster import NodeProcess, node_command, pump, ready
-from tests.conftest import free_port, sql
-from tests.faults import TcpProxy, proxied
-from tests.integration.test_scheduler_history import (
+from balancectl.toolkit.cluster import NodeProcess, ready
+from tests.conftest import sql
+from tests.faults import Spawn, log_line, logged_at, proxied, through
+from tests.processes import http_json, node_args, post_debit
+from tests.scheduling import (
     assert_no_overlap,
     history,
+    lease,
     running,
     wait_for,
     write_jobs,
 )
-from tests.processes import http_json, node_args
 
 pytestmark = pytest.mark.slow
 
@@ -57,98 +49,6 @@ AMOUNT = -7
 # wait is cut to 1 s once the node knows the database fails. DROP: the statement deadline
 # (10 s) + 1 s (a bounded cancel attempt, then the connection is cut; issue 7).
 ANSWER_WITHIN = {"reject": 3.0, "drop": 10.0 + 1.0}
-Spawn = Callable[[str, str, Sequence[str]], NodeProcess]
-
-
-@pytest.fixture
-def spawn(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Spawn]:
-    """Start ``balancectl serve`` with a given node id and database URL; stop all after."""
-    log = (tmp_path / "nodes.log").open("w")
-    nodes: list[NodeProcess] = []
-
-    def start(node_id: str, database_url: str, args: Sequence[str]) -> NodeProcess:
-        port = free_port()
-        process = subprocess.Popen(
-            node_command(node_id, port, args),
-            env={**os.environ, "BALANCECTL_DATABASE_URL": database_url},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        node = NodeProcess(node_id, port, process)
-        assert process.stdout is not None
-        node.pump = threading.Thread(
-            target=pump, args=(process.stdout, f"[{node_id}]", log), daemon=True
-        )
-        node.pump.start()
-        nodes.append(node)
-        wait_for(f"{node_id} ready", lambda: ready(node.url) or process.poll() is not None, 60)
-        assert process.poll() is None, f"{node_id} exited with {process.returncode}"
-        return node
-
-    yield start
-    for node in nodes:
-        if node.process.poll() is None:
-            node.process.terminate()
-    for node in nodes:
-        try:
-            node.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            node.process.kill()
-            node.process.wait()
-        node.reap()
-    log.close()
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        print("===== nodes.log (last 120 lines)")
-        print("\n".join((tmp_path / "nodes.log").read_text().splitlines()[-120:]))
-
-
-def through(database_url: str, proxy: TcpProxy) -> str:
-    """The same database, reached through the proxy."""
-    parts = urlsplit(database_url)
-    return urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}"))
-
-
-def log_line(log: Path, node_id: str, text: str) -> str | None:
-    return next(
-        (
-            line
-            for line in log.read_text().splitlines()
-            if line.startswith(f"[{node_id}] ") and text in line
-        ),
-        None,
-    )
-
-
-def logged_at(line: str) -> datetime:
-    """The time of a node's log line (``[id] 2026-01-01 12:00:00,123 ...``), local zone."""
-    _, day, clock = line.split(" ", 3)[:3]
-    return datetime.strptime(f"{day} {clock}", "%Y-%m-%d %H:%M:%S,%f").astimezone()
-
-
-def lease(database_url: str) -> tuple[int, str, datetime]:
-    [(token, owner, expires)] = sql(
-        database_url, "SELECT token, owner, lease_expires_at FROM jobs WHERE name = %s", (JOB,)
-    )
-    return int(token), str(owner), expires
-
-
-def post_debit(url: str, key: str, timeout: float = 60.0) -> tuple[int, str, Any, float]:
-    """A keyed debit: status, Content-Type, body and seconds until the answer."""
-    request = urllib.request.Request(
-        f"{url}/users/1/balance",
-        data=json.dumps({"amount": AMOUNT}).encode(),
-        method="POST",
-        headers={"Content-Type": "application/json", "Idempotency-Key": key},
-    )
-    began = time.monotonic()
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            status, headers, raw = response.status, response.headers, response.read()
-    except urllib.error.HTTPError as error:
-        status, headers, raw = error.code, error.headers, error.read()
-    return status, headers.get("Content-Type", ""), json.loads(raw), time.monotonic() - began
 
 
 def watch_cut(log: Path, a: NodeProcess, b: NodeProcess, cut: float) -> tuple[float, float, str]:
@@ -177,7 +77,7 @@ def timed_get(url: str) -> tuple[int, float]:
 def answers_while_cut(a: NodeProcess, key: str, mode: str) -> None:
     """A keyed POST and /readyz on A, at the same time (each may wait out a deadline)."""
     with ThreadPoolExecutor(max_workers=2) as pool:
-        posted = pool.submit(post_debit, a.url, key)
+        posted = pool.submit(post_debit, a.url, key, AMOUNT, 60.0)
         readiness = pool.submit(timed_get, f"{a.url}/readyz")
         status, content_type, body, seconds = posted.result()
         ready_status, ready_seconds = readiness.result()
@@ -213,14 +113,14 @@ def test_cut_off_node_gives_up_its_job_in_time_and_writes_nothing_after(
         proxy.cut(mode)
         cut = time.monotonic()
         time.sleep(0.3)  # a renewal already at the server may still commit; then it is final
-        token, _, expiry = lease(database_url)
+        token, _, expiry = lease(database_url, JOB)
         stopped, taken, stop_line = watch_cut(log, a, b, cut)
         key = f"cut-{mode}-{uuid.uuid4()}"
         answers_while_cut(a, key, mode)
 
         proxy.restore()
         recovery = recovers(a, time.monotonic())
-        status, _, body, _ = post_debit(a.url, key)
+        status, _, body, _ = post_debit(a.url, key, AMOUNT, 60.0)
         time.sleep(1.0)  # statements held in the proxy while cut have reached the server
         listing = running(a)
 
@@ -234,7 +134,7 @@ def test_cut_off_node_gives_up_its_job_in_time_and_writes_nothing_after(
     assert lost.error == "lease expired; taken over by node-b", lost
     assert logged_at(stop_line) < expiry, (stop_line, expiry)
     assert [run for run in runs if run.node == "node-a"] == [lost], runs
-    assert lease(database_url)[:2] == (token + 1, "node-b")
+    assert lease(database_url, JOB)[:2] == (token + 1, "node-b")
     assert listing == {JOB: "node-b"}, listing
     assert log_line(log, "node-a", f"{JOB} (token {token}) ended lost; recorded None")
     assert_no_overlap(runs)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_scheduler_history import (
+from tests.processes import ClusterFactory, node_args
+from tests.scheduling import (
     POLL,
     assert_listing_agrees,
     assert_no_overlap,
@@ -24,7 +25,6 @@ from tests.integration.test_scheduler_history import (
     wait_for,
     write_jobs,
 )
-from tests.processes import ClusterFactory, node_args
 
 pytestmark = pytest.mark.slow
 

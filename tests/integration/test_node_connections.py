@@ -35,8 +35,8 @@ import pytest
 from balancectl.migrations import upgrade
 from balancectl.toolkit.embedded import embedded_database_url, stop_embedded
 from tests.conftest import free_port, sql
-from tests.integration.test_scheduler_history import write_jobs
 from tests.processes import ClusterFactory, Launched, http_json
+from tests.scheduling import write_jobs
 
 pytestmark = pytest.mark.slow
 

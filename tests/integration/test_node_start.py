@@ -6,10 +6,9 @@ and the field for a bad jobs file), never a traceback.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -69,15 +68,6 @@ def assert_whole_line(stderr: str, *parts: str) -> str:
     for part in parts:
         assert part in message, f"{part!r} not in the refusal line {message!r}\n{stderr}"
     return message
-
-
-@pytest.fixture
-def busy_port() -> Iterator[int]:
-    """A port some other program listens on."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        yield int(listener.getsockname()[1])
 
 
 def test_port_in_use(busy_port: int, database_url: str) -> None:

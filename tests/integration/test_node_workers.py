@@ -18,7 +18,8 @@ from pathlib import Path
 
 from balancectl.toolkit.cluster import NodeProcess
 from tests.conftest import sql
-from tests.integration.test_scheduler_history import (
+from tests.processes import ClusterFactory, http_json, node_args
+from tests.scheduling import (
     POLL,
     assert_no_overlap,
     history,
@@ -28,7 +29,6 @@ from tests.integration.test_scheduler_history import (
     wait_for,
     write_jobs,
 )
-from tests.processes import ClusterFactory, http_json, node_args
 
 WORKERS = ("--workers", "2")
 TTL = 3.0

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from balancectl.toolkit.cluster import NodeProcess
-from tests.integration.test_scheduler_history import (
+from tests.processes import ClusterFactory, http_json, node_args
+from tests.scheduling import (
     POLL,
     assert_no_overlap,
     history,
@@ -26,7 +27,6 @@ from tests.integration.test_scheduler_history import (
     wait_for,
     write_jobs,
 )
-from tests.processes import ClusterFactory, http_json, node_args
 
 TTL = 3.0
 SLACK = 2.0  # a claim poll is POLL * 1.2 at most; the rest is a loaded machine

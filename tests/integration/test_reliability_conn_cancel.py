@@ -17,8 +17,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from urllib.parse import urlsplit
 
 import pytest
@@ -26,22 +25,17 @@ import pytest
 from balancectl.config import PoolSettings
 from balancectl.db import Database
 from balancectl.errors import Unavailable
-from tests.conftest import sql
-from tests.faults import proxied
-from tests.integration.test_faults_partition import through
+from tests.conftest import open_database, sql
+from tests.faults import proxied, through
 
 GONE_WITHIN = 1.0  # seconds for the server to stop a statement after its caller gave up
 PROBE = "SELECT pg_sleep(30) /* cancel-probe */"
 
 
-@asynccontextmanager
-async def database(url: str, statement_timeout: float) -> AsyncIterator[Database]:
-    db = Database(url, PoolSettings(min_size=1, max_size=1, statement_timeout=statement_timeout))
-    await db.open(wait=True)
-    try:
-        yield db
-    finally:
-        await db.close()
+def database(url: str, statement_timeout: float) -> AbstractAsyncContextManager[Database]:
+    return open_database(
+        url, PoolSettings(min_size=1, max_size=1, statement_timeout=statement_timeout)
+    )
 
 
 def probes_running(database_url: str) -> int:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
 
 import psycopg
 import pytest
@@ -23,6 +23,7 @@ import pytest
 from balancectl.config import PoolSettings
 from balancectl.db import Database, begin
 from balancectl.errors import Unavailable
+from tests.conftest import open_database
 from tests.pgbouncer import pgbouncer
 
 IDLE_TIMEOUT = PoolSettings().idle_in_transaction_timeout
@@ -39,14 +40,8 @@ def url(request: pytest.FixtureRequest, database_url: str) -> Iterator[str]:
         yield bouncer.url
 
 
-@asynccontextmanager
-async def database(url: str) -> AsyncIterator[Database]:
-    db = Database(url, PoolSettings(min_size=1, max_size=2, prepared_statements=False))
-    await db.open(wait=True)
-    try:
-        yield db
-    finally:
-        await db.close()
+def database(url: str) -> AbstractAsyncContextManager[Database]:
+    return open_database(url, PoolSettings(min_size=1, max_size=2, prepared_statements=False))
 
 
 def seconds_to_lock_user_1(database_url: str) -> float:

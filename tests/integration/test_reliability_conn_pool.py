@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
 import pytest
@@ -25,17 +23,7 @@ from balancectl import balance
 from balancectl.config import PoolSettings
 from balancectl.db import Database
 from balancectl.errors import Unavailable
-from tests.conftest import sql
-
-
-@asynccontextmanager
-async def database(url: str, settings: PoolSettings) -> AsyncIterator[Database]:
-    db = Database(url, settings)
-    await db.open(wait=True)
-    try:
-        yield db
-    finally:
-        await db.close()
+from tests.conftest import open_database, sql
 
 
 async def hold(db: Database, seconds: float) -> float:
@@ -49,7 +37,7 @@ async def hold(db: Database, seconds: float) -> float:
 
 async def test_a_pool_timeout_caused_by_load_keeps_the_full_wait(database_url: str) -> None:
     settings = PoolSettings(min_size=1, max_size=1, timeout=2.5)
-    async with database(database_url, settings) as db:
+    async with open_database(database_url, settings) as db:
         # Four one-second sessions on one connection: the fourth waits past 2.5 s.
         burst = [asyncio.create_task(hold(db, 1.0)) for _ in range(4)]
         done, _ = await asyncio.wait(burst, return_when=asyncio.FIRST_EXCEPTION)
@@ -69,7 +57,7 @@ async def test_a_pool_timeout_caused_by_load_keeps_the_full_wait(database_url: s
 
 async def test_too_many_waiting_requests_sent_nothing(database_url: str) -> None:
     settings = PoolSettings(min_size=1, max_size=1, max_waiting=1)
-    async with database(database_url, settings) as db:
+    async with open_database(database_url, settings) as db:
         holder = asyncio.create_task(hold(db, 1.0))
         await asyncio.sleep(0.2)
         waiter = asyncio.create_task(hold(db, 0.0))
@@ -105,7 +93,7 @@ async def test_concurrent_debits_apply_under_a_repeatable_read_default(
         await balance.change_balance(db, 1, -1)
         return 200
 
-    async with database(repeatable_read_database, PoolSettings(max_size=5)) as db:
+    async with open_database(repeatable_read_database, PoolSettings(max_size=5)) as db:
         outcomes = await asyncio.gather(*(debit(n) for n in range(debits)), return_exceptions=True)
     refused = [outcome for outcome in outcomes if outcome != 200]
     assert refused == [], refused[:3]

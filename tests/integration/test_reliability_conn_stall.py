@@ -30,13 +30,10 @@ import pytest
 
 from balancectl.toolkit.cluster import NodeProcess
 from tests.conftest import sql
-from tests.faults import TcpProxy, proxied
-from tests.integration.test_faults_partition import Spawn, spawn, through
+from tests.faults import Spawn, TcpProxy, proxied, through
 from tests.processes import ClusterFactory, http_json
 
 pytestmark = pytest.mark.slow
-
-__all__ = ["spawn"]  # the fixture, imported for the DROP test
 
 LOCK_BOUND = 2.0  # seconds node B may wait behind a stalled node's lock
 TRIALS = 3

@@ -22,7 +22,8 @@ import pytest
 
 from balancectl.toolkit.cluster import LocalCluster, ready
 from tests.conftest import sql
-from tests.integration.test_scheduler_history import (
+from tests.processes import ClusterFactory, node_args
+from tests.scheduling import (
     POLL,
     assert_no_overlap,
     history,
@@ -31,7 +32,6 @@ from tests.integration.test_scheduler_history import (
     wait_for,
     write_jobs,
 )
-from tests.processes import ClusterFactory, node_args
 
 pytestmark = pytest.mark.slow
 

@@ -25,8 +25,8 @@ from balancectl.db import Database
 from balancectl.scheduler import Scheduler, SchedulerStore
 from balancectl.scheduler.registry import JobSpec, parse_jobs
 from tests.faults import proxied
-from tests.integration.test_scheduler_history import POLL, running, wait_for, write_jobs
 from tests.processes import ClusterFactory, node_args
+from tests.scheduling import POLL, running, wait_for, write_jobs
 
 TTL = 3.0
 

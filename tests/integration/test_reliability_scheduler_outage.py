@@ -21,14 +21,14 @@ import pytest
 from balancectl.migrations import upgrade
 from balancectl.toolkit.cluster import LocalCluster
 from balancectl.toolkit.embedded import embedded_database_url, stop_embedded
-from tests.integration.test_scheduler_history import (
+from tests.processes import ClusterFactory, http_json, node_args
+from tests.scheduling import (
     assert_no_overlap,
     history,
     running,
     wait_for,
     write_jobs,
 )
-from tests.processes import ClusterFactory, http_json, node_args
 
 pytestmark = pytest.mark.slow
 

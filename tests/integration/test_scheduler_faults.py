@@ -16,7 +16,8 @@ from urllib.parse import urlsplit, urlunsplit
 from balancectl.toolkit.cluster import LocalCluster, NodeProcess
 from tests.conftest import sql
 from tests.faults import proxied
-from tests.integration.test_scheduler_history import (
+from tests.processes import ClusterFactory, http_json, node_args
+from tests.scheduling import (
     POLL,
     Run,
     assert_listing_agrees,
@@ -28,7 +29,6 @@ from tests.integration.test_scheduler_history import (
     wait_for,
     write_jobs,
 )
-from tests.processes import ClusterFactory, http_json, node_args
 
 TTL = 3.0
 BUSY = "tests.jobs:busy"
@@ -66,13 +66,22 @@ def run_of(runs: list[Run], job: str, token: int) -> list[Run]:
     return [run for run in runs if run.job == job and run.token == token]
 
 
+def tick_renewed_once(
+    cluster_factory: ClusterFactory, tmp_path: Path, min_duration: str
+) -> tuple[LocalCluster, NodeProcess]:
+    """Three nodes and the job ``tick``; the node that runs it, past its first renewal (so
+    the lease it leaves is a renewed one)."""
+    jobs = write_jobs(tmp_path / "jobs.toml", ["tick"], min_duration=min_duration)
+    cluster = cluster_factory(3, *node_args(jobs_file=jobs, lease_ttl=TTL, poll=POLL))
+    owner = node_running(cluster, "tick")
+    time.sleep(1.5)
+    return cluster, owner
+
+
 def test_kill_9_the_job_is_taken_over_after_the_lease_expires(
     cluster_factory: ClusterFactory, database_url: str, tmp_path: Path
 ) -> None:
-    jobs = write_jobs(tmp_path / "jobs.toml", ["tick"], min_duration="6s")
-    cluster = cluster_factory(3, *node_args(jobs_file=jobs, lease_ttl=TTL, poll=POLL))
-    victim = node_running(cluster, "tick")
-    time.sleep(1.5)  # past the first renewal: the lease the victim leaves is a renewed one
+    cluster, victim = tick_renewed_once(cluster_factory, tmp_path, min_duration="6s")
 
     victim.process.kill()
     killed_at = time.monotonic()
@@ -102,10 +111,7 @@ def test_sigstop_past_the_ttl_the_paused_node_gives_up_and_writes_nothing(
     cluster_factory: ClusterFactory, database_url: str, tmp_path: Path
 ) -> None:
     # The run outlasts the pause, so the paused node wakes up still inside it.
-    jobs = write_jobs(tmp_path / "jobs.toml", ["tick"], min_duration="14s")
-    cluster = cluster_factory(3, *node_args(jobs_file=jobs, lease_ttl=TTL, poll=POLL))
-    paused = node_running(cluster, "tick")
-    time.sleep(1.5)
+    cluster, paused = tick_renewed_once(cluster_factory, tmp_path, min_duration="14s")
     observer = survivor(cluster, paused)
 
     paused.process.send_signal(signal.SIGSTOP)

@@ -15,14 +15,14 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from balancectl.toolkit.cluster import NodeProcess
-from tests.integration.test_scheduler_history import (
+from tests.processes import ClusterFactory, http_json, node_args
+from tests.scheduling import (
     POLL,
     history,
     running,
     wait_for,
     write_jobs,
 )
-from tests.processes import ClusterFactory, http_json, node_args
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 TTL = 3.0

@@ -8,19 +8,19 @@ a settle delay that lets every node of a cold start register first. With J due j
 from __future__ import annotations
 
 from collections import Counter
-from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from tests.integration.test_scheduler_history import (
+from tests.processes import ClusterFactory, node_args
+from tests.scheduling import (
     POLL,
+    all_running,
     assert_listing_agrees,
-    jobs_listing,
+    start_skew,
     wait_for,
     write_jobs,
 )
-from tests.processes import ClusterFactory, http_json, node_args
 
 NODES = 5
 TRIALS = 2
@@ -37,11 +37,7 @@ def test_nodes_started_together_share_the_jobs_evenly(
     cluster = cluster_factory(NODES, *node_args(jobs_file=jobs, lease_ttl=3, poll=POLL))
     observer = cluster.members[0]
 
-    def all_running() -> dict[str, dict[str, object]] | None:
-        listing = jobs_listing(observer)
-        return listing if all(job["state"] == "running" for job in listing.values()) else None
-
-    listing = wait_for(f"all {job_count} jobs to run", all_running, timeout=30)
+    listing = wait_for(f"all {job_count} jobs to run", lambda: all_running(observer), timeout=30)
     per_node = Counter(str(job["node"]) for job in listing.values())
     counts = {node.node_id: per_node.get(node.node_id, 0) for node in cluster.members}
     print(f"J={job_count} trial {trial}: {counts}; start skew {start_skew(observer.url):.2f} s")
@@ -51,11 +47,3 @@ def test_nodes_started_together_share_the_jobs_evenly(
     fair = {job_count // NODES, -(-job_count // NODES)}
     assert set(counts.values()) <= fair, f"uneven first round: {counts}"
     assert_listing_agrees(cluster, names)
-
-
-def start_skew(url: str) -> float:
-    """Seconds between the first and the last node's registration (``GET /nodes``)."""
-    status, body = http_json(f"{url}/nodes")
-    assert status == 200, body
-    starts = [datetime.fromisoformat(node["started_at"]) for node in body["nodes"]]
-    return (max(starts) - min(starts)).total_seconds()

@@ -29,9 +29,15 @@ async def test_admits_up_to_capacity_then_first_come_first_in() -> None:
     assert gate.free == 2 and gate.waiting == 0
 
 
-async def test_a_waiter_past_its_deadline_fails_and_gives_nothing_away() -> None:
+async def held_gate() -> Admission:
+    """A gate of one place (ten may wait), that place taken."""
     gate = Admission(capacity=1, max_waiting=10)
     await gate.acquire(timeout=5)
+    return gate
+
+
+async def test_a_waiter_past_its_deadline_fails_and_gives_nothing_away() -> None:
+    gate = await held_gate()
     began = time.monotonic()
     with pytest.raises(AdmissionTimeout):
         await gate.acquire(timeout=0.3)
@@ -55,8 +61,7 @@ async def test_too_many_waiters_are_refused_at_once() -> None:
 
 
 async def test_a_cancelled_waiter_leaves_its_place_to_the_next() -> None:
-    gate = Admission(capacity=1, max_waiting=10)
-    await gate.acquire(timeout=5)
+    gate = await held_gate()
     cancelled = asyncio.create_task(gate.acquire(timeout=5))
     after = asyncio.create_task(gate.acquire(timeout=5))
     await asyncio.sleep(0)
@@ -69,8 +74,7 @@ async def test_a_cancelled_waiter_leaves_its_place_to_the_next() -> None:
 
 
 async def test_a_shorter_deadline_behind_a_longer_one_still_expires_in_time() -> None:
-    gate = Admission(capacity=1, max_waiting=10)
-    await gate.acquire(timeout=5)
+    gate = await held_gate()
     patient = asyncio.create_task(gate.acquire(timeout=30))
     await asyncio.sleep(0)
     began = time.monotonic()
