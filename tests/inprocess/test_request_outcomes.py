@@ -140,46 +140,49 @@ async def test_counts_older_than_a_minute_are_not_shown_and_old_rows_are_pruned(
     assert remaining == [("changed",), ("unavailable",)]
 
 
-async def test_a_failed_record_keeps_the_counts_for_the_next_one(database_url: str) -> None:
-    counts = OutcomeCounts("node-z", worker=7)
-    for name in ("changed", "changed", "refused"):
-        counts.count(name)
+@pytest.fixture
+async def dead_and_live(database_url: str) -> AsyncIterator[tuple[Database, Database]]:
+    """A pool of a server that is not there, and one of the test's database."""
     dead = Database(f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere",
                     PoolSettings(min_size=0, max_size=1, timeout=0.5))  # fmt: skip
     live = Database(database_url, PoolSettings(min_size=1, max_size=1))
     await dead.open()
     await live.open()
     try:
-        assert await counts.record(dead) is False  # no exception: the worker's task goes on
-        counts.count("invalid")
-        assert await counts.record(live) is True
+        yield dead, live
     finally:
         await dead.close()
         await live.close()
+
+
+async def test_a_failed_record_keeps_the_counts_for_the_next_one(
+    database_url: str, dead_and_live: tuple[Database, Database]
+) -> None:
+    dead, live = dead_and_live
+    counts = OutcomeCounts("node-z", worker=7)
+    for name in ("changed", "changed", "refused"):
+        counts.count(name)
+    assert await counts.record(dead) is False  # no exception: the worker's task goes on
+    counts.count("invalid")
+    assert await counts.record(live) is True
     rows = sql(database_url, "SELECT node_id, worker, outcome, requests FROM request_outcomes"
                " ORDER BY outcome")  # fmt: skip
     assert rows == [("node-z", 7, "changed", 2), ("node-z", 7, "invalid", 1),
                     ("node-z", 7, "refused", 1)]  # fmt: skip
 
 
-async def test_counts_unrecorded_for_a_minute_are_dropped(database_url: str) -> None:
+async def test_counts_unrecorded_for_a_minute_are_dropped(
+    database_url: str, dead_and_live: tuple[Database, Database]
+) -> None:
+    dead, live = dead_and_live
     counts = OutcomeCounts("node-z", worker=7)
     counts.count("unavailable")
-    dead = Database(f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere",
-                    PoolSettings(min_size=0, max_size=1, timeout=0.5))  # fmt: skip
-    live = Database(database_url, PoolSettings(min_size=1, max_size=1))
-    await dead.open()
-    await live.open()
-    try:
-        assert await counts.record(dead) is False
-        assert counts.pending_since is not None
-        counts.pending_since -= outcomes.KEEP_UNRECORDED  # as if a minute had gone by
-        assert await counts.record(dead) is False
-        counts.count("changed")
-        assert await counts.record(live) is True
-    finally:
-        await dead.close()
-        await live.close()
+    assert await counts.record(dead) is False
+    assert counts.pending_since is not None
+    counts.pending_since -= outcomes.KEEP_UNRECORDED  # as if a minute had gone by
+    assert await counts.record(dead) is False
+    counts.count("changed")
+    assert await counts.record(live) is True
     rows = sql(database_url, "SELECT outcome, requests FROM request_outcomes")
     assert rows == [("changed", 1)]
 

@@ -105,12 +105,27 @@ def test_a_paused_job_is_listed_paused_and_not_claimed_until_resumed(
     assert_no_overlap(history(nodes[0], job="tick"))
 
 
+def running_long(
+    cluster_factory: ClusterFactory, tmp_path: Path, min_duration: str
+) -> tuple[list[NodeProcess], str]:
+    """Two nodes with the one job ``long`` (every 0.5 s), once it runs; and its owner."""
+    jobs = write_jobs(tmp_path / "jobs.toml", ["long"], min_duration=min_duration, interval="0.5s")
+    nodes = start(cluster_factory, jobs)
+    owner = wait_for("long to run", lambda: running(nodes[0]).get("long"), timeout=30)
+    return nodes, owner
+
+
+def assert_stays_paused_after_its_one_run(nodes: list[NodeProcess]) -> None:
+    """Ten polls later, ``long`` is still paused (seen from the other node), never rerun."""
+    time.sleep(POLL * 10)
+    assert state(nodes[1], "long") == "paused"
+    assert len(history(nodes[0], job="long")) == 1
+
+
 def test_pausing_a_running_job_lets_its_run_finish(
     cluster_factory: ClusterFactory, tmp_path: Path
 ) -> None:
-    jobs = write_jobs(tmp_path / "jobs.toml", ["long"], min_duration="3s", interval="0.5s")
-    nodes = start(cluster_factory, jobs)
-    owner = wait_for("long to run", lambda: running(nodes[0]).get("long"), timeout=30)
+    nodes, owner = running_long(cluster_factory, tmp_path, min_duration="3s")
     body = verb(nodes[0], "long", "pause")
     assert (body["state"], body["paused"], body["node"]) == ("running", True, owner)
 
@@ -118,17 +133,13 @@ def test_pausing_a_running_job_lets_its_run_finish(
     (run,) = history(nodes[0], job="long")
     assert (run.status, run.node) == ("succeeded", owner)
     assert run.duration_seconds >= 3.0  # not cut short
-    time.sleep(POLL * 10)
-    assert state(nodes[1], "long") == "paused"
-    assert len(history(nodes[0], job="long")) == 1
+    assert_stays_paused_after_its_one_run(nodes)
 
 
 def test_pausing_with_stop_ends_the_run_cancelled(
     cluster_factory: ClusterFactory, tmp_path: Path
 ) -> None:
-    jobs = write_jobs(tmp_path / "jobs.toml", ["long"], min_duration="60s", interval="0.5s")
-    nodes = start(cluster_factory, jobs)
-    owner = wait_for("long to run", lambda: running(nodes[0]).get("long"), timeout=30)
+    nodes, owner = running_long(cluster_factory, tmp_path, min_duration="60s")
     asked = time.monotonic()
     status, body = http_json(f"{nodes[0].url}/jobs/long/pause?stop=true", method="POST",
                              headers=BEARER)  # fmt: skip
@@ -141,9 +152,7 @@ def test_pausing_with_stop_ends_the_run_cancelled(
     assert (run.status, run.node) == ("cancelled", owner)
     assert run.error and "pause" in run.error
     assert stopped_after < TTL / 3 + SLACK  # at the owner's next renewal
-    time.sleep(POLL * 10)
-    assert state(nodes[1], "long") == "paused"
-    assert len(history(nodes[0], job="long")) == 1
+    assert_stays_paused_after_its_one_run(nodes)
 
 
 def test_the_verbs_need_the_token_when_the_node_has_one(
