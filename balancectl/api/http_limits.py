@@ -25,6 +25,7 @@ import json
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from balancectl.api.http_writes import CoalescingTransport
 from balancectl.api.problems import PROBLEM_JSON, http_problem
 
 FIRST_BYTE_TIMEOUT = 60.0
@@ -40,7 +41,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     _head_bytes = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        # One send per response instead of uvicorn's two (head, body): api/http_writes.py.
+        super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
         self._arm(self.first_byte_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
