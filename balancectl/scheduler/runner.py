@@ -29,12 +29,15 @@ from typing import Any, TypeVar
 
 from balancectl.config import HISTORY_RETENTION, IDEMPOTENCY_RETENTION, SchedulerSettings
 from balancectl.db import Database, first_line
+from balancectl.errors import ConfigError, Unavailable
 from balancectl.scheduler.context import JobContext, LeaseLost
 from balancectl.scheduler.metrics import SchedulerMetrics
 from balancectl.scheduler.registry import JobSpec
 from balancectl.scheduler.store import Claim, Renewal, SchedulerStore
 
 log = logging.getLogger("balancectl.scheduler")
+# A node's start tries its registration again for this long (pausing between tries).
+REGISTER_WITHIN, REGISTER_PAUSE = 60.0, 0.2
 STOPPED_BY_PAUSE = "stopped by an operator's pause (pause --stop)"
 T = TypeVar("T")
 
@@ -131,8 +134,7 @@ class Scheduler:
         return self.margin
 
     async def start(self) -> None:
-        await self.store.register_node()
-        await self.store.register_jobs(list(self.specs.values()))
+        await self._register()
         self._connected_since = self._last_renewed = time.monotonic()
         self.metrics.renewed()  # registering the node heartbeats it
         self._loops = [
@@ -140,6 +142,30 @@ class Scheduler:
             asyncio.create_task(self._renew_loop(), name="scheduler-renew"),
             asyncio.create_task(self._watchdog_loop(), name="scheduler-watchdog"),
         ]
+
+    async def _register(self) -> None:
+        """Register the node and its jobs, again while the database is too slow to answer.
+
+        Both are upserts, so a try given up on and delivered late does no harm. A database
+        slow at a node's start (a busy server, nodes starting together) is not a reason to
+        die; one that has not answered within ``REGISTER_WITHIN`` s is, with one line.
+        """
+        deadline = time.monotonic() + REGISTER_WITHIN
+        warned_at = float("-inf")
+        while True:
+            try:
+                await self.store.register_node()
+                await self.store.register_jobs(list(self.specs.values()))
+                return
+            except Unavailable as error:
+                now = time.monotonic()
+                if now >= deadline:
+                    within = f"within {REGISTER_WITHIN:.0f} s: {first_line(error)}"
+                    raise ConfigError(f"the scheduler could not register {within}") from error
+                if now - warned_at >= 5.0:
+                    log.warning("registering the node failed, trying again: %s", first_line(error))
+                    warned_at = now
+                await asyncio.sleep(REGISTER_PAUSE)
 
     async def stop(self) -> None:
         """Stop claiming, cancel every run (recorded ``cancelled``, leases released).
