@@ -24,6 +24,7 @@ import msgspec
 import typer
 from rich.console import Console
 
+from balancectl.config import FIRST_BYTE_TIMEOUT
 from balancectl.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -172,7 +173,7 @@ def serve(
             min=0.1,
             help="Close a new connection that sends nothing this long, s.",
         ),
-    ] = 60.0,
+    ] = FIRST_BYTE_TIMEOUT,
     log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
 ) -> None:
     """One node: W HTTP workers and one scheduler; migrates on start."""

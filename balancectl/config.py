@@ -13,6 +13,11 @@ HISTORY_RETENTION = 30 * 24 * 3600.0
 IDEMPOTENCY_RETENTION = 24 * 3600.0
 
 
+# Seconds a new HTTP connection may stay silent before the node closes it: long, because a
+# burst's own client is slow to write (balancectl.api.http_limits).
+FIRST_BYTE_TIMEOUT = 60.0
+
+
 @dataclass(frozen=True)
 class PoolSettings:
     """The hot-path connection pool: sized by measurement, well inside 100 connections."""
@@ -78,8 +83,7 @@ class NodeSettings:
     workers: int = 1
     # Ask the kernel for an accept queue as long as a burst (net.core.somaxconn caps it).
     backlog: int = 16384
-    # A new connection may stay silent this long (a burst's own client is slow to write).
-    first_byte_timeout: float = 60.0
+    first_byte_timeout: float = FIRST_BYTE_TIMEOUT
     log_level: str = "INFO"
     pool: PoolSettings = field(default_factory=PoolSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)

@@ -316,7 +316,8 @@ class Database:
         pool at once; each one is discarded here, unused (the pool opens its replacement),
         instead of failing a request with ``503 unknown`` after the database is back. While
         it is still down, the wait for a new connection is the failing database's short one
-        (the request is answered ``503 not-applied``, nothing was sent).
+        (the request is answered ``503 not-applied``, nothing was sent). Not psycopg_pool's
+        ``check=``: after a failed check it sleeps 1, 2, 4 ... s before the next connection.
         """
         deadline = time.monotonic() + timeout
         connection = await self.pool.getconn(timeout)

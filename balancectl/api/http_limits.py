@@ -27,8 +27,8 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from balancectl.api.http_writes import CoalescingTransport
 from balancectl.api.problems import PROBLEM_JSON, http_problem
+from balancectl.config import FIRST_BYTE_TIMEOUT
 
-FIRST_BYTE_TIMEOUT = 60.0
 HEAD_TIMEOUT = 10.0
 MAX_HEAD_BYTES = 16 * 1024
 
@@ -99,7 +99,5 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
 def guarded_protocol(first_byte_timeout: float) -> type[GuardedHttpToolsProtocol]:
     """The protocol with its own silent-connection deadline (``--first-byte-timeout``)."""
-    if first_byte_timeout == FIRST_BYTE_TIMEOUT:
-        return GuardedHttpToolsProtocol
     attributes = {"first_byte_timeout": first_byte_timeout}
     return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), attributes)
