@@ -98,7 +98,7 @@ async def supervise(
     loop = asyncio.get_running_loop()
     for number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(number, on_signal, number)
-    with Workers(settings, sock) as workers:
+    with Workers(settings, migrations.head_revision(), sock) as workers:
         if await workers.wait_started(until=stop):
             async with scheduled(settings, specs):
                 workers.node_ready.set()

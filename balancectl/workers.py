@@ -64,8 +64,8 @@ class WorkersFailed(RuntimeError):
 class Workers:
     """The W worker processes of one node; a context manager that always reaps them."""
 
-    def __init__(self, settings: NodeSettings, sock: socket.socket) -> None:
-        self.settings, self.sock = settings, sock
+    def __init__(self, settings: NodeSettings, schema_head: str, sock: socket.socket) -> None:
+        self.settings, self.schema_head, self.sock = settings, schema_head, sock
         self.processes: list[BaseProcess] = []
         self.started: list[Event] = []
         self._restarts: list[float] = []
@@ -112,6 +112,7 @@ class Workers:
             target=run_worker,
             args=(
                 self.settings,
+                self.schema_head,
                 self.sock,
                 os.getpid(),
                 index,
