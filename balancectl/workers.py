@@ -57,6 +57,24 @@ def metrics_folder(node_id: str) -> Iterator[str]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def worker_main(
+    settings: NodeSettings,
+    schema_head: str,
+    sock: socket.socket,
+    parent_pid: int,
+    index: int,
+    started: Event,
+    node_ready: Event,
+    refusals: SimpleQueue[str],
+) -> None:
+    """A worker process's target. The app is imported here, in the worker: a ``spawn``
+    target is pickled by name, and naming ``worker.run_worker`` itself would import the
+    whole app into the supervisor, which never serves HTTP (a third of its start)."""
+    from balancectl.worker import run_worker
+
+    run_worker(settings, schema_head, sock, parent_pid, index, started, node_ready, refusals)
+
+
 class WorkersFailed(RuntimeError):
     """Workers died faster than a node should tolerate."""
 
@@ -106,10 +124,8 @@ class Workers:
         self._reap(STOP_GRACE)
 
     def _spawn(self, index: int) -> BaseProcess:
-        from balancectl.worker import run_worker  # imports the app: after metrics_folder()
-
         process = self._context.Process(
-            target=run_worker,
+            target=worker_main,
             args=(
                 self.settings,
                 self.schema_head,
