@@ -184,11 +184,13 @@ def tcp_port() -> int:
 # serial: each bounds a time (a takeover within TTL + slack, a 503 within a deadline), so no
 # two of them may run side by side. heavy: each loads the whole machine (a 10,000-request
 # burst, five to twenty nodes started at once, whose registrations must fall within the
-# settle delay for an even first round), so no two of them may either.
+# settle delay for an even first round), so no two of them may either. long: each bounds a
+# time too, but spends minutes of it idle (the shipped jobs' two minutes, an outage of its
+# own embedded server), so it runs beside the other two chains, never beside its own kind:
+# as one chain with serial, these three modules made that chain the suite's wall time.
 CHAINS = {
     "serial": (
         "tests/e2e/test_multihost_netns.py",
-        "tests/integration/test_faults_db_restart.py",
         "tests/integration/test_faults_partition.py",
         "tests/integration/test_faults_takeover_spread.py",
         "tests/integration/test_operator_verbs.py",
@@ -200,12 +202,10 @@ CHAINS = {
         "tests/integration/test_reliability_scheduler_history.py",
         "tests/integration/test_reliability_scheduler_jobs.py",
         "tests/integration/test_reliability_scheduler_link.py",
-        "tests/integration/test_reliability_scheduler_outage.py",
         "tests/integration/test_scheduler_faults.py",
     ),
     "heavy": (
         "tests/e2e/test_burst.py",
-        "tests/e2e/test_default_jobs.py",
         "tests/e2e/test_faults_kill9_burst.py",
         "tests/e2e/test_faults_pgbouncer.py",
         "tests/e2e/test_newcomer_demo.py",
@@ -213,6 +213,11 @@ CHAINS = {
         "tests/integration/test_cli.py::test_demo_runs_the_whole_story",
         "tests/integration/test_node_start.py::test_five_nodes_started_at_once",
         "tests/integration/test_scheduler_spread.py",
+    ),
+    "long": (
+        "tests/e2e/test_default_jobs.py",
+        "tests/integration/test_faults_db_restart.py",
+        "tests/integration/test_reliability_scheduler_outage.py",
     ),
 }
 
