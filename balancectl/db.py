@@ -388,6 +388,14 @@ class Database:
         async with self.session() as session:
             return await session.execute(name, params)
 
+    async def schema_revision(self) -> str | None:
+        """The schema's revision, ``None`` before the first migration (for ``/readyz``)."""
+        try:
+            row = await self.fetch_one("schema_revision")
+        except psycopg.errors.UndefinedTable:
+            return None
+        return None if row is None else str(row["version_num"])
+
     def stats(self) -> dict[str, int]:
         """The pool's counters (size, in use, waiting) for ``/metrics``."""
         stats = self.pool.get_stats()
@@ -401,14 +409,28 @@ class Database:
 def server_max_connections(url: str) -> int | None:
     """The server's ``max_connections`` (behind PgBouncer, the server's), or ``None`` when it
     cannot be read: named in the message of a node the server refuses."""
+    value = one_value(url, "max_connections")
+    return None if value is None else int(value)
+
+
+def schema_revision(url: str) -> str | None:
+    """The database's schema revision, or ``None`` when it has none or cannot be read now
+    (a node then leaves it to Alembic, which waits for the server and reports)."""
+    value = one_value(url, "schema_revision")
+    return None if value is None else str(value)
+
+
+def one_value(url: str, name: str) -> Any:
+    """The first column of query ``name``'s first row, on a connection of its own; ``None``
+    when there is no row or the database cannot answer it."""
     try:
         # Bounded like every connection: a link gone silent fails within 5 s.
         bounds: dict[str, Any] = {"connect_timeout": 5, **keepalive_kwargs(5.0)}
         with psycopg.connect(url, autocommit=True, prepare_threshold=None, **bounds) as conn:
-            row = conn.execute(query("max_connections")).fetchone()
+            row = conn.execute(query(name)).fetchone()
     except psycopg.Error:
         return None
-    return None if row is None else int(row[0])
+    return None if row is None else row[0]
 
 
 def session_settings(settings: PoolSettings) -> dict[str, str]:

@@ -39,11 +39,9 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def uvicorn_config(
-    settings: NodeSettings, schema_head: str, node_ready: Event | None = None
-) -> uvicorn.Config:
+def uvicorn_config(settings: NodeSettings, node_ready: Event | None = None) -> uvicorn.Config:
     return uvicorn.Config(
-        create_app(settings, schema_head, node_ready),
+        create_app(settings, node_ready),
         backlog=settings.backlog,
         log_config=None,
         access_log=False,
@@ -88,7 +86,6 @@ class Server(uvicorn.Server):
 
 def run_worker(
     settings: NodeSettings,
-    schema_head: str,
     sock: socket.socket,
     parent_pid: int,
     index: int,
@@ -98,7 +95,6 @@ def run_worker(
 ) -> None:
     """The worker's process target: serve until SIGTERM or SIGINT, then drain and exit.
 
-    ``schema_head`` is the revision the supervisor migrated to (``/readyz`` compares).
     A request pool the server refuses at start (no connection slots) is put on
     ``refusals`` for the supervisor, and the worker exits without serving.
     """
@@ -106,4 +102,4 @@ def run_worker(
     settings = replace(settings, pool=worker_pool(settings))
     configure_logging(f"{settings.node_id}/w{index}", settings.log_level)
     log.info("worker %d serving on pid %d", index, os.getpid())
-    Server(uvicorn_config(settings, schema_head, node_ready), started, refusals).run(sockets=[sock])
+    Server(uvicorn_config(settings, node_ready), started, refusals).run(sockets=[sock])

@@ -59,7 +59,6 @@ def metrics_folder(node_id: str) -> Iterator[str]:
 
 def worker_main(
     settings: NodeSettings,
-    schema_head: str,
     sock: socket.socket,
     parent_pid: int,
     index: int,
@@ -72,7 +71,7 @@ def worker_main(
     whole app into the supervisor, which never serves HTTP (a third of its start)."""
     from balancectl.worker import run_worker
 
-    run_worker(settings, schema_head, sock, parent_pid, index, started, node_ready, refusals)
+    run_worker(settings, sock, parent_pid, index, started, node_ready, refusals)
 
 
 class WorkersFailed(RuntimeError):
@@ -82,8 +81,8 @@ class WorkersFailed(RuntimeError):
 class Workers:
     """The W worker processes of one node; a context manager that always reaps them."""
 
-    def __init__(self, settings: NodeSettings, schema_head: str, sock: socket.socket) -> None:
-        self.settings, self.schema_head, self.sock = settings, schema_head, sock
+    def __init__(self, settings: NodeSettings, sock: socket.socket) -> None:
+        self.settings, self.sock = settings, sock
         self.processes: list[BaseProcess] = []
         self.started: list[Event] = []
         self._restarts: list[float] = []
@@ -128,7 +127,6 @@ class Workers:
             target=worker_main,
             args=(
                 self.settings,
-                self.schema_head,
                 self.sock,
                 os.getpid(),
                 index,

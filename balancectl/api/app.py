@@ -21,6 +21,7 @@ from balancectl.api.problems import exception_handlers
 from balancectl.config import NodeSettings
 from balancectl.db import Database
 from balancectl.outcomes import OutcomeCounts, last_record, record_every_second
+from balancectl.revision import SCHEMA_HEAD
 
 POOL_SAMPLE_EVERY = 1.0  # seconds
 
@@ -75,14 +76,8 @@ async def sample_pool(metrics: Metrics, db: Database) -> None:
         await asyncio.sleep(POOL_SAMPLE_EVERY)
 
 
-def create_app(
-    settings: NodeSettings, schema_head: str, node_ready: Ready | None = None
-) -> Litestar:
+def create_app(settings: NodeSettings, node_ready: Ready | None = None) -> Litestar:
     """A node's HTTP app (one per worker process); nothing is opened until its lifespan starts.
-
-    ``schema_head`` is the revision ``/readyz`` waits for (``migrations.head_revision()``):
-    a worker is handed it by its supervisor, which migrated, so that a worker never imports
-    Alembic and SQLAlchemy (two fifths of a worker's start, measured with py-spy).
 
     The scheduler is not part of it: a node runs exactly one, in its supervisor process
     (``balancectl.node``), however many workers serve HTTP. ``node_ready`` is set by the
@@ -92,7 +87,7 @@ def create_app(
     state = State(
         {
             "api_token": settings.api_token,
-            "head_revision": schema_head,
+            "head_revision": SCHEMA_HEAD,
             "lease_ttl": settings.scheduler.lease_ttl,
             "metrics": Metrics(),
             "node_id": settings.node_id,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import psycopg
 from litestar import Request, Response, get
 from litestar.datastructures import State
 from litestar.di import NamedDependency
@@ -29,11 +28,7 @@ async def readyz(db: NamedDependency[Database], state: State) -> dict[str, str]:
     node_ready = state.get("node_ready")
     if node_ready is not None and not node_ready.is_set():
         raise Unavailable("the node is starting: its scheduler has not joined the cluster yet")
-    try:
-        row = await db.fetch_one("schema_revision")
-    except psycopg.errors.UndefinedTable:
-        row = None
-    revision = None if row is None else str(row["version_num"])
+    revision = await db.schema_revision()
     if revision != state.head_revision:
         raise Unavailable(
             f"the schema is at {revision}, this node needs {state.head_revision}",

@@ -11,7 +11,6 @@ from litestar.testing import AsyncTestClient
 
 from balancectl.api import create_app
 from balancectl.config import NodeSettings, SchedulerSettings
-from balancectl.migrations import head_revision
 
 Client = AsyncTestClient[Litestar]
 
@@ -19,5 +18,5 @@ Client = AsyncTestClient[Litestar]
 @pytest.fixture
 async def client(database_url: str) -> AsyncIterator[Client]:
     settings = NodeSettings(database_url, scheduler=SchedulerSettings(enabled=False))
-    async with AsyncTestClient(app=create_app(settings, head_revision())) as test_client:
+    async with AsyncTestClient(app=create_app(settings)) as test_client:
         yield test_client

@@ -12,7 +12,6 @@ from litestar.testing import AsyncTestClient
 
 from balancectl.api import create_app
 from balancectl.config import NodeSettings, SchedulerSettings
-from balancectl.migrations import head_revision
 from tests.conftest import sql
 from tests.inprocess.conftest import Client
 
@@ -114,7 +113,7 @@ async def test_a_token_guards_the_change(database_url: str) -> None:
     settings = NodeSettings(
         database_url, api_token="s3cret", scheduler=SchedulerSettings(enabled=False)
     )
-    async with AsyncTestClient(app=create_app(settings, head_revision())) as client:
+    async with AsyncTestClient(app=create_app(settings)) as client:
         refused = await client.post("/users/1/balance", json={"amount": 1})
         assert refused.status_code == 401
         assert refused.headers["www-authenticate"].startswith("Bearer")

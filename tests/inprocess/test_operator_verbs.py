@@ -15,7 +15,6 @@ from litestar.testing import AsyncTestClient
 from balancectl.api import create_app
 from balancectl.config import NodeSettings, PoolSettings, SchedulerSettings
 from balancectl.db import Database
-from balancectl.migrations import head_revision
 from balancectl.scheduler import Claim, SchedulerStore
 from tests.conftest import sql
 
@@ -45,7 +44,7 @@ async def client(database_url: str) -> AsyncIterator[Client]:
     settings = NodeSettings(
         database_url, api_token=TOKEN, scheduler=SchedulerSettings(enabled=False)
     )
-    async with AsyncTestClient(app=create_app(settings, head_revision())) as test_client:
+    async with AsyncTestClient(app=create_app(settings)) as test_client:
         yield test_client
 
 

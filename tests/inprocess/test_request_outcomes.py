@@ -22,7 +22,6 @@ from balancectl.api import create_app
 from balancectl.api.documents import RequestCounts
 from balancectl.config import NodeSettings, PoolSettings, SchedulerSettings
 from balancectl.db import Database
-from balancectl.migrations import head_revision
 from balancectl.outcomes import OutcomeCounts
 from tests.conftest import free_port, sql
 
@@ -40,10 +39,8 @@ def settings(url: str, node_id: str, token: str | None = None) -> NodeSettings:
 
 @pytest.fixture
 async def nodes(database_url: str) -> AsyncIterator[tuple[Client, Client]]:
-    first = AsyncTestClient(
-        app=create_app(settings(database_url, "node-a", TOKEN), head_revision())
-    )
-    second = AsyncTestClient(app=create_app(settings(database_url, "node-b"), head_revision()))
+    first = AsyncTestClient(app=create_app(settings(database_url, "node-a", TOKEN)))
+    second = AsyncTestClient(app=create_app(settings(database_url, "node-b")))
     async with first as a, second as b:
         yield a, b
 
@@ -198,9 +195,7 @@ def test_every_outcome_is_a_field_of_the_document() -> None:
 async def test_a_stopping_worker_records_what_it_counted_since_its_last_record(
     database_url: str,
 ) -> None:
-    async with AsyncTestClient(
-        app=create_app(settings(database_url, "node-s"), head_revision())
-    ) as client:
+    async with AsyncTestClient(app=create_app(settings(database_url, "node-s"))) as client:
         # Well within the first second: the task has recorded nothing yet.
         assert await change(client, "1", -1) == 200
         assert await change(client, "1", -99999) == 409

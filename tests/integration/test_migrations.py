@@ -8,8 +8,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from alembic import command
 
-from balancectl.migrations import head_revision, upgrade
+from balancectl.migrations import alembic_config, head_revision, upgrade
+from balancectl.revision import SCHEMA_HEAD
 from tests.conftest import sql
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -56,3 +58,45 @@ def assert_seeded_once_at_head(url: str) -> None:
     assert sql(url, "SELECT id, balance FROM users") == [(1, 10000)]
     assert sql(url, "SELECT count(*) FROM ledger WHERE user_id = 1") == [(1,)]
     assert sql(url, "SELECT version_num FROM alembic_version") == [(head_revision(),)]
+
+
+def test_the_build_knows_its_schema_head_without_alembic() -> None:
+    assert SCHEMA_HEAD == head_revision()
+
+
+# A node's start migration, in a fresh interpreter: whether it loaded Alembic.
+NODE_MIGRATE = """
+import sys
+from balancectl.config import NodeSettings
+from balancectl.node import migrate
+migrate(NodeSettings(database_url=sys.argv[1]), [], db_wait=10)
+print("alembic" in sys.modules)
+"""
+
+
+def node_migrate(url: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", NODE_MIGRATE, url], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_a_node_start_on_a_database_at_head_leaves_it_without_loading_alembic(
+    database_url: str,
+) -> None:
+    assert node_migrate(database_url) == "False"
+    assert_seeded_once_at_head(database_url)
+
+
+def test_a_node_start_on_an_empty_database_migrates_it_with_alembic(
+    empty_database_url: str,
+) -> None:
+    assert node_migrate(empty_database_url) == "True"
+    assert_seeded_once_at_head(empty_database_url)
+
+
+def test_a_node_start_on_a_database_behind_head_upgrades_it(empty_database_url: str) -> None:
+    command.upgrade(alembic_config(empty_database_url), "0005")
+    assert node_migrate(empty_database_url) == "True"
+    assert_seeded_once_at_head(empty_database_url)

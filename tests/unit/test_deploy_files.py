@@ -116,7 +116,7 @@ def drain_seconds() -> float:
     """How long uvicorn drains requests in flight on SIGTERM, as the worker configures it."""
     from balancectl.worker import uvicorn_config
 
-    config = uvicorn_config(NodeSettings(database_url="postgresql://localhost/unused"), "head")
+    config = uvicorn_config(NodeSettings(database_url="postgresql://localhost/unused"))
     assert config.timeout_graceful_shutdown is not None
     return float(config.timeout_graceful_shutdown)
 
@@ -124,7 +124,7 @@ def drain_seconds() -> float:
 def app_paths() -> set[str]:
     from balancectl.api import create_app
 
-    app = create_app(NodeSettings(database_url="postgresql://localhost/unused"), "head")
+    app = create_app(NodeSettings(database_url="postgresql://localhost/unused"))
     return {route.path for route in app.routes}
 
 
