@@ -112,6 +112,8 @@ class Scheduler:
         self._clock: tuple[float, datetime] | None = None
         self._lost_touch_at: datetime | None = None
         self._recovered_by = 0.0
+        # Monotonic time each job's last run here ended lost: left to the peers a while.
+        self._lost_at: dict[str, float] = {}
 
     @property
     def margin(self) -> float:
@@ -210,8 +212,7 @@ class Scheduler:
         while not self._stopping.is_set() and self._may_claim(sent := time.monotonic()):
             may_starve = sent - self._connected_since >= self.settings.starve_after
             alive_at = self._lost_touch_at if sent < self._recovered_by else None
-            # Never a job this node still runs (a run told to stop may not have ended).
-            names = [name for name in self.specs if name not in self.runs]
+            names = self._claimable(sent)
             settings = self.settings
             claim = await self._bounded(
                 "claim",
@@ -222,6 +223,18 @@ class Scheduler:
             if claim is None:
                 return
             self._start(claim, sent)
+
+    def _claimable(self, now: float) -> list[str]:
+        """The jobs this node may ask for: never one it still runs (a run told to stop may
+        not have ended), nor one whose run here ended lost within ``settle``. A lost lease
+        is evidence against this node (a pause, a cut link, a clock step), so a peer that
+        polls meanwhile takes the job; alone, the node takes it back after ``settle``."""
+        recent = now - self.settings.settle
+        return [
+            name
+            for name in self.specs
+            if name not in self.runs and self._lost_at.get(name, recent) <= recent
+        ]
 
     def _start(self, claim: Claim, sent: float) -> None:
         spec = self.specs[claim.job]
@@ -282,6 +295,8 @@ class Scheduler:
         if self.runs.get(run.claim.job) is run:
             del self.runs[run.claim.job]
         decided = run.stop_reason or status  # "lost" even when given up as unresponsive
+        if decided == "lost":
+            self._lost_at[run.claim.job] = time.monotonic()
         self.metrics.recorded(run.claim.job, decided, written, time.monotonic() - run.started)
         self.metrics.held(len(self.runs))
         log.info(
