@@ -491,8 +491,10 @@ def jobs_source(url: str | None, database_url: str | None) -> Callable[[], JobsD
 
 
 def read_or_explain(read: Callable[[], Coroutine[Any, Any, JobsDocument]]) -> JobsDocument:
-    """Run ``read``; a database gone away meanwhile (``jobs --watch``) is one line, exit 2."""
+    """Run ``read``; a database gone away meanwhile (``jobs --watch``), or one that was never
+    migrated, is one line, exit 2."""
     from psycopg import OperationalError
+    from psycopg.errors import UndefinedTable
     from psycopg_pool import PoolTimeout
 
     from balancectl.errors import BalancectlError
@@ -501,6 +503,11 @@ def read_or_explain(read: Callable[[], Coroutine[Any, Any, JobsDocument]]) -> Jo
         return asyncio.run(read())
     except (PoolTimeout, OperationalError, BalancectlError) as error:
         raise ConfigError(f"the database cannot be reached: {describe(error)}") from error
+    except UndefinedTable as error:
+        raise ConfigError(
+            f"the database has no balancectl schema ({describe(error)}): "
+            "start a node on it, or run balancectl migrate, first"
+        ) from error
 
 
 def probe_database(url: str, timeout: int = DB_TIMEOUT) -> None:

@@ -89,6 +89,12 @@ def test_unreachable_database_jobs() -> None:
     clear_line(output, "the database cannot be reached", "port 1")
 
 
+def test_jobs_on_a_database_never_migrated_says_so(empty_database_url: str) -> None:
+    status, output = run("jobs", "--database-url", empty_database_url, timeout=30)
+    assert status == 2, output
+    clear_line(output, "has no balancectl schema", "balancectl migrate")
+
+
 def test_serve_reports_a_database_still_coming_up_once_then_every_5_s() -> None:
     """--db-wait 7 against a refusing database: reported at 0 s and 5 s, not every retry."""
     status, output = run("serve", "--port", str(free_port()), "--db-wait", "7", "--database-url",
