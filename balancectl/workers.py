@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from multiprocessing.process import BaseProcess
 from multiprocessing.queues import SimpleQueue
 from multiprocessing.synchronize import Event
+from typing import Any
 
 from balancectl.config import NodeSettings
 from balancectl.db import TooManyConnections
@@ -57,21 +58,14 @@ def metrics_folder(node_id: str) -> Iterator[str]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def worker_main(
-    settings: NodeSettings,
-    sock: socket.socket,
-    parent_pid: int,
-    index: int,
-    started: Event,
-    node_ready: Event,
-    refusals: SimpleQueue[str],
-) -> None:
-    """A worker process's target. The app is imported here, in the worker: a ``spawn``
-    target is pickled by name, and naming ``worker.run_worker`` itself would import the
-    whole app into the supervisor, which never serves HTTP (a third of its start)."""
+def worker_main(*args: Any) -> None:
+    """A worker process's target, given ``worker.run_worker``'s arguments. The app is
+    imported here, in the worker: a ``spawn`` target is pickled by name, and naming
+    ``run_worker`` itself would import the whole app into the supervisor, which never
+    serves HTTP (a third of its start)."""
     from balancectl.worker import run_worker
 
-    run_worker(settings, sock, parent_pid, index, started, node_ready, refusals)
+    run_worker(*args)
 
 
 class WorkersFailed(RuntimeError):
