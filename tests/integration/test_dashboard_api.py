@@ -111,7 +111,7 @@ def seed_history(url: str) -> None:
         "INSERT INTO jobs (name, function, interval_seconds, min_duration_seconds, next_run_at,"
         " owner, token, started_at, lease_expires_at) VALUES"
         " ('audit', %s, 60, 0, now(), 'node-a', 9, now() - interval '5 s',"
-        "  now() + interval '10 s'),"
+        "  now() + interval '10 min'),"  # held past the node's start, however slow
         " ('sweep', 'x:y', 60, 0, now(), 'node-b', 4, now() - interval '30 s',"
         "  now() - interval '2 s')",
         (AUDIT_FUNCTION,),
