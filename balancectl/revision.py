@@ -1,6 +1,6 @@
 """The schema revision this build's code needs, known without Alembic.
 
-``tests/unit/test_revision.py`` checks it against the migrations' own head, so a new
+``tests/integration/test_migrations.py`` checks it against the migrations' own head, so a new
 migration that forgets to move it fails the tests. ``/readyz`` waits for it, and a node
 whose database is at it already starts without importing Alembic or SQLAlchemy: they
 were two fifths of a worker's start and nine tenths of a supervisor's imports.

@@ -20,7 +20,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     # The node runtime: everything but the command line and the toolkit.
     "balancectl.node": ("balancectl.toolkit", "balancectl.cli"),
     "balancectl.worker": ("balancectl.toolkit", "balancectl.cli"),
-    # The API gets the schema head from its caller: a worker never loads Alembic.
+    # The API reads the schema head from revision.py: a worker never loads Alembic.
     "balancectl.api": (
         "balancectl.toolkit",
         "balancectl.cli",
