@@ -7,8 +7,8 @@
    row, taken in the write's own transaction) keeps the claim off until the write's
    transaction ends, and a paused client loses that transaction on the server within 1 s.
 2. A forward step of the database clock, simulated by stepping the lease's expiry back
-   into the past: another node claims the job at once, and from the step on the first
-   node writes nothing under its token (every write of a job is fenced).
+   into the past: another node claims the job at once, and from the step's commit on
+   the first node writes nothing under its token (every write of a job is fenced).
 """
 
 from __future__ import annotations
@@ -149,12 +149,16 @@ def test_a_forward_clock_step_doubles_no_write(
     wait_for("a few snapshots", lambda: rows_of(database_url, lease(database_url)[0]) >= 3, 15)
     old_token, _ = lease(database_url)
 
-    [(stepped_at,)] = sql(
+    sql(
         database_url,
-        "UPDATE jobs SET lease_expires_at = now() - interval '1 ms' WHERE name = %s "
-        "RETURNING now()",
+        "UPDATE jobs SET lease_expires_at = now() - interval '1 ms' WHERE name = %s",
         (JOB,),
     )
+    # The step's moment is read after its commit: a write whose transaction began between
+    # the UPDATE's start and its commit still saw the old lease, and was fenced before
+    # the step (the takeover's claim waits for its lock). From this moment on, every
+    # fence sees the stepped lease.
+    [(stepped_at,)] = sql(database_url, "SELECT now()")
     observer = next(node for node in cluster.members if node is not first)
     taker = wait_for(
         "the other node to take the job",
