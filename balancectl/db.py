@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import psycopg
@@ -406,29 +407,39 @@ class Database:
         }
 
 
-def server_max_connections(url: str) -> int | None:
-    """The server's ``max_connections`` (behind PgBouncer, the server's), or ``None`` when it
-    cannot be read: named in the message of a node the server refuses."""
-    value = one_value(url, "max_connections")
-    return None if value is None else int(value)
+@dataclass(frozen=True)
+class ServerFacts:
+    """What a node reads of the database before it starts; ``None`` for what it could not."""
+
+    schema_revision: str | None  # also None before the first migration
+    max_connections: int | None  # behind PgBouncer, the server's: named in a refused node's line
 
 
-def schema_revision(url: str) -> str | None:
-    """The database's schema revision, or ``None`` when it has none or cannot be read now
-    (a node then leaves it to Alembic, which waits for the server and reports)."""
-    value = one_value(url, "schema_revision")
-    return None if value is None else str(value)
-
-
-def one_value(url: str, name: str) -> Any:
-    """The first column of query ``name``'s first row, on a connection of its own; ``None``
-    when there is no row or the database cannot answer it."""
+def server_facts(url: str) -> ServerFacts:
+    """The schema's revision and the server's ``max_connections``, read on one connection of
+    its own (a node's start opens one, not one per value); a database that cannot answer
+    now has neither (a node then leaves it to Alembic, which waits for the server)."""
     try:
         # Bounded like every connection: a link gone silent fails within 5 s.
         bounds: dict[str, Any] = {"connect_timeout": 5, **keepalive_kwargs(5.0)}
         with psycopg.connect(url, autocommit=True, prepare_threshold=None, **bounds) as conn:
-            row = conn.execute(query(name)).fetchone()
+            revision = first_value(conn, "schema_revision")
+            limit = first_value(conn, "max_connections")
     except psycopg.Error:
+        return ServerFacts(None, None)
+    return ServerFacts(
+        None if revision is None else str(revision), None if limit is None else int(limit)
+    )
+
+
+def first_value(conn: psycopg.Connection[Any], name: str) -> Any:
+    """The first column of query ``name``'s first row; ``None`` when there is none or the
+    query fails (no ``alembic_version`` table yet). A broken link still raises."""
+    try:
+        row = conn.execute(query(name)).fetchone()
+    except psycopg.Error:
+        if conn.closed:
+            raise
         return None
     return None if row is None else row[0]
 

@@ -1,4 +1,4 @@
-"""Run one node, the composition root: bind, migrate, start the HTTP workers, run the scheduler.
+"""Run one node, the composition root: bind, migrate, join, start the HTTP workers, claim jobs.
 
 A node is one supervisor process and W HTTP worker processes (``balancectl.worker``)
 that share its listening socket. The supervisor owns the node's identity: it runs the
@@ -18,13 +18,7 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 
 from balancectl.config import NodeSettings, PoolSettings, worker_pool
-from balancectl.db import (
-    Database,
-    TooManyConnections,
-    refusal,
-    schema_revision,
-    server_max_connections,
-)
+from balancectl.db import Database, TooManyConnections, refusal, server_facts
 from balancectl.errors import ConfigError
 from balancectl.logs import configure_logging
 from balancectl.open_files import raise_open_files_limit
@@ -76,8 +70,10 @@ def serve(settings: NodeSettings, specs: Sequence[JobSpec], db_wait: float = 30.
     """Migrate, then serve the API and run the scheduler until asked to stop."""
     sock = bind(settings.host, settings.port, settings.backlog)
     raise_open_files_limit()
-    migrate(settings, specs, db_wait)
-    limit = server_max_connections(settings.database_url)
+    facts = server_facts(settings.database_url)
+    migrate(settings, specs, db_wait, facts.schema_revision)
+    # Read again only if the server could not answer before the migration waited for it.
+    limit = facts.max_connections or server_facts(settings.database_url).max_connections
     try:
         with metrics_folder(settings.node_id):
             received = asyncio.run(supervise(settings, specs, sock))
@@ -104,32 +100,50 @@ async def supervise(
     loop = asyncio.get_running_loop()
     for number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(number, on_signal, number)
-    with Workers(settings, sock) as workers:
-        if await workers.wait_started(until=stop):
-            async with scheduled(settings, specs):
-                workers.node_ready.set()
-                log.info(
-                    "node %s listening on http://%s:%d with %d workers",
-                    settings.node_id,
-                    settings.host,
-                    settings.port,
-                    settings.workers,
-                )
-                await workers.keep_running(until=stop)
-                workers.terminate()  # they drain while the scheduler hands its jobs back
-        workers.terminate()
-        await workers.wait()
+    # The node joins before its workers' CPU-heavy start, so peers started with it count
+    # it from the start; it claims jobs once its workers serve.
+    async with scheduled(settings, specs) as scheduler:
+        with Workers(settings, sock) as workers:
+            try:
+                await serve_until(stop, settings, workers, scheduler)
+            finally:
+                workers.terminate()
+                if scheduler is not None:
+                    await scheduler.stop()  # hands its jobs back while the workers drain
+            await workers.wait()
     return received[0] if received else None
 
 
-def migrate(settings: NodeSettings, specs: Sequence[JobSpec], db_wait: float) -> None:
-    """Upgrade to head (waiting ``db_wait`` for the server); a server that was full all that
-    time is the same one line as a pool it refuses.
+async def serve_until(
+    stop: asyncio.Event, settings: NodeSettings, workers: Workers, scheduler: Scheduler | None
+) -> None:
+    """Once every worker serves: claim jobs, read ready, keep the workers running."""
+    if not await workers.wait_started(until=stop):
+        return
+    if scheduler is not None:
+        scheduler.start_claiming()
+    workers.node_ready.set()
+    log.info(
+        "node %s listening on http://%s:%d with %d workers",
+        settings.node_id,
+        settings.host,
+        settings.port,
+        settings.workers,
+    )
+    await workers.keep_running(until=stop)
+
+
+def migrate(
+    settings: NodeSettings, specs: Sequence[JobSpec], db_wait: float, revision: str | None
+) -> None:
+    """Upgrade to head (waiting ``db_wait`` for the server) from ``revision``, the one read
+    at start; a server that was full all that time is the same one line as a pool it
+    refuses.
 
     A database at head already, as on every start but the first, is left alone without
     importing Alembic and SQLAlchemy (0.4 s of the supervisor's CPU at each start).
     """
-    if schema_revision(settings.database_url) == SCHEMA_HEAD:
+    if revision == SCHEMA_HEAD:
         return
     from balancectl import migrations  # only when there is something to upgrade
 
@@ -198,10 +212,13 @@ async def opened(db: Database) -> AsyncIterator[Database]:
 
 
 @asynccontextmanager
-async def scheduled(settings: NodeSettings, specs: Sequence[JobSpec]) -> AsyncIterator[None]:
-    """Run the node's one scheduler (unless disabled); stop it before its pools close."""
+async def scheduled(
+    settings: NodeSettings, specs: Sequence[JobSpec]
+) -> AsyncIterator[Scheduler | None]:
+    """The node's one scheduler (``None`` if disabled), registered and heartbeating but
+    not yet claiming (``start_claiming``); stopped before its pools close."""
     if not runs_scheduler(settings, specs):
-        yield
+        yield None
         return
     url = settings.database_url
     async with (
@@ -212,8 +229,8 @@ async def scheduled(settings: NodeSettings, specs: Sequence[JobSpec]) -> AsyncIt
         retention = JobRetention(idempotency_seconds=settings.idempotency_retention)
         metrics = SchedulerMetrics()  # after metrics_folder(): samples go to the folder
         scheduler = Scheduler(store, specs, settings.scheduler, job_db, retention, metrics)
-        await scheduler.start()
+        await scheduler.start(claiming=False)
         try:
-            yield
+            yield scheduler
         finally:
             await scheduler.stop()

@@ -97,7 +97,7 @@ class Workers:
 
     async def wait_started(self, until: asyncio.Event, timeout: float = STARTUP_TIMEOUT) -> bool:
         """Until every worker's app has started (``False`` if ``until`` came first), so the
-        node joins the cluster only once it serves and the CPU-heavy start is over."""
+        node claims jobs and reads ready only once it serves."""
         deadline = time.monotonic() + timeout
         while not all(event.is_set() for event in self.started):
             if until.is_set():

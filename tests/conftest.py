@@ -214,12 +214,13 @@ CHAINS = {
         "tests/e2e/test_scale_pgbouncer.py",
         "tests/integration/test_cli.py::test_demo_runs_the_whole_story",
         "tests/integration/test_node_start.py::test_five_nodes_started_at_once",
+        "tests/integration/test_scheduler_slow_start.py",
         "tests/integration/test_scheduler_spread.py",
-        "tests/integration/test_reliability_scheduler_outage.py",  # 5 nodes, settle 2 s
     ),
     "long": (
         "tests/e2e/test_default_jobs.py",
         "tests/integration/test_faults_db_restart.py",
+        "tests/integration/test_reliability_scheduler_outage.py",  # 5 nodes, settle 2 s
     ),
 }
 

@@ -107,6 +107,7 @@ class Scheduler:
         self.runs: dict[str, Run] = {}
         self._stopping = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
+        self._claiming: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._connected_since = self._last_renewed = time.monotonic()
         self._clock: tuple[float, datetime] | None = None
@@ -135,15 +136,27 @@ class Scheduler:
         """How long a stopped job may take to end before it counts as unresponsive."""
         return self.margin
 
-    async def start(self) -> None:
+    async def start(self, claiming: bool = True) -> None:
+        """Register the node (it joins: its peers count it) and keep it heartbeating.
+
+        With ``claiming=False`` it claims nothing until ``start_claiming()``: a node joins
+        before its HTTP workers' CPU-heavy start, so peers started with it wait for it,
+        and it takes work once it serves.
+        """
         await self._register()
         self._connected_since = self._last_renewed = time.monotonic()
         self.metrics.renewed()  # registering the node heartbeats it
         self._loops = [
-            asyncio.create_task(self._claim_loop(), name="scheduler-claim"),
             asyncio.create_task(self._renew_loop(), name="scheduler-renew"),
             asyncio.create_task(self._watchdog_loop(), name="scheduler-watchdog"),
         ]
+        if claiming:
+            self.start_claiming()
+
+    def start_claiming(self) -> None:
+        """Claim due jobs from now on, every poll (once the settle delay has passed)."""
+        if self._claiming is None and not self._stopping.is_set():
+            self._claiming = asyncio.create_task(self._claim_loop(), name="scheduler-claim")
 
     async def _register(self) -> None:
         """Register the node and its jobs, again while the database is too slow to answer.
@@ -173,13 +186,17 @@ class Scheduler:
         """Stop claiming, cancel every run (recorded ``cancelled``, leases released).
 
         Bounded whatever the link does: about three call timeouts plus the stop grace.
+        A second call does nothing.
         """
+        if self._stopping.is_set():
+            return
         self._stopping.set()
-        if self._loops:
+        if self._claiming is not None:
             # A claim in flight may still win a job: let the claim loop end first, so that
             # run is in self.runs (and has started) and gets cancelled and recorded too.
-            await asyncio.wait(self._loops[:1], timeout=self.call_timeout + 0.5)
+            await asyncio.wait([self._claiming], timeout=self.call_timeout + 0.5)
             await asyncio.sleep(0)
+            self._loops.append(self._claiming)
         runs = list(self.runs.values())
         for run in runs:
             run.stop("cancelled")

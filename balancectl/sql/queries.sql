@@ -1,5 +1,5 @@
 -- Every SQL statement balancectl runs at run time, one named block each.
--- Loaded by name through balancectl.queries; parameters use psycopg's %(name)s style.
+-- Loaded by name through balancectl.sql.loader; parameters use psycopg's %(name)s style.
 -- Time is always the database's now(), never a node's clock.
 
 -- name: database_now

@@ -68,8 +68,10 @@ def test_the_build_knows_its_schema_head_without_alembic() -> None:
 NODE_MIGRATE = """
 import sys
 from balancectl.config import NodeSettings
+from balancectl.db import server_facts
 from balancectl.node import migrate
-migrate(NodeSettings(database_url=sys.argv[1]), [], db_wait=10)
+url = sys.argv[1]
+migrate(NodeSettings(database_url=url), [], db_wait=10, revision=server_facts(url).schema_revision)
 print("alembic" in sys.modules)
 """
 
