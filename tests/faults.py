@@ -4,8 +4,10 @@ A node reaches PostgreSQL through ``TcpProxy``; ``cut("reject")`` resets every o
 connection and refuses new ones (a firewall REJECT rule), ``cut("drop")`` keeps
 connections open but forwards nothing and leaves new ones hanging (a DROP rule, or a
 pulled cable); ``restore()`` lets traffic flow again. It runs its own event loop in a
-thread, so it works beside both synchronous and asynchronous tests. ``through(url, proxy)``
-is a database URL that goes through the proxy.
+thread, so it works beside both synchronous and asynchronous tests. ``proxied(url)`` runs
+one to the server of ``url``, on TCP or on the Unix socket the embedded test server
+listens on (without ``BALANCECTL_TEST_DATABASE_URL``); ``through(url, proxy)`` is the same
+database reached over TCP through the proxy.
 
 The ``spawn`` fixture starts ``balancectl serve`` with a node id and a database URL of the
 test's choosing (one through a proxy, say), all logging to ``nodes.log`` in the test's
@@ -24,8 +26,8 @@ import threading
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, Protocol, TypeVar
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pytest
 
@@ -37,11 +39,27 @@ T = TypeVar("T")
 Spawn = Callable[[str, str, Sequence[str]], NodeProcess]
 
 
+# Where a server listens: (host, port) on TCP, or the path of its Unix socket.
+Upstream = tuple[str, int] | str
+
+
+def server_address(database_url: str) -> Upstream:
+    """Where the server of ``database_url`` listens. The embedded test server (no
+    ``BALANCECTL_TEST_DATABASE_URL``) listens on a Unix socket only: ``?host=/dir``."""
+    parts = urlsplit(database_url)
+    query = parse_qs(parts.query)
+    port = int(query.get("port", [str(parts.port or 5432)])[0])
+    folder = query.get("host", [""])[0]
+    if folder.startswith("/"):
+        return f"{folder}/.s.PGSQL.{port}"
+    return (parts.hostname or "127.0.0.1", port)
+
+
 class TcpProxy:
     """Forward ``127.0.0.1:<port>`` to ``target``; ``cut`` and ``restore`` the link."""
 
-    def __init__(self, target_host: str, target_port: int) -> None:
-        self.target = (target_host, target_port)
+    def __init__(self, target: Upstream, listen_host: str = "127.0.0.1") -> None:
+        self.target, self.listen_host = target, listen_host
         self.mode: str | None = None  # None (flowing), "reject" or "drop"
         self.port = 0
         self._loop = asyncio.new_event_loop()
@@ -74,7 +92,7 @@ class TcpProxy:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(10)
 
     async def _listen(self) -> asyncio.Server:
-        return await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return await asyncio.start_server(self._accept, self.listen_host, 0)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.mode == "reject":
@@ -91,17 +109,25 @@ class TcpProxy:
         while self.mode == "drop":  # a new connection hangs, unanswered
             await asyncio.sleep(0.05)
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
+            if isinstance(self.target, str):
+                up_reader, up_writer = await asyncio.open_unix_connection(self.target)
+            else:
+                up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
             return
         self._writers.add(up_writer)
         try:
             await asyncio.gather(
-                self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
+                self._to_server(reader, up_writer),
+                self._pipe(up_reader, writer),
+                return_exceptions=True,
             )
         finally:
             abort(up_writer)
             self._writers.discard(up_writer)
+
+    async def _to_server(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._pipe(reader, writer)
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -144,18 +170,31 @@ def abort(writer: asyncio.StreamWriter) -> None:
 
 
 @contextlib.contextmanager
-def proxied(target_host: str, target_port: int) -> Iterator[TcpProxy]:
-    proxy = TcpProxy(target_host, target_port).start()
+def proxied(database_url: str) -> Iterator[TcpProxy]:
+    """A running proxy to the server of ``database_url`` (``through`` gives its URL)."""
+    proxy = TcpProxy(server_address(database_url)).start()
     try:
         yield proxy
     finally:
         proxy.stop()
 
 
-def through(database_url: str, proxy: TcpProxy) -> str:
-    """The same database, reached through the proxy."""
+class Listener(Protocol):
+    """Anything a client reaches the database through: a proxy, a bouncer."""
+
+    listen_host: str
+    port: int
+
+
+def through(database_url: str, proxy: Listener) -> str:
+    """The same database, reached through the proxy (over TCP, whatever the server is)."""
     parts = urlsplit(database_url)
-    return urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}"))
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k not in ("host", "port")])
+    credentials = parts.username or "postgres"
+    if parts.password:
+        credentials += f":{parts.password}"
+    netloc = f"{credentials}@{proxy.listen_host}:{proxy.port}"
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 @pytest.fixture

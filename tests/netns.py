@@ -22,7 +22,7 @@ import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from tests.faults import TcpProxy, abort
+from tests.faults import TcpProxy, Upstream, abort
 
 NETWORK = "10.213"  # the /16 these tests carve their /30s from
 
@@ -145,13 +145,9 @@ class Forwarder(TcpProxy):
     what is queued arrive at its due time, then flows freely.
     """
 
-    def __init__(self, target_host: str, target_port: int, listen_host: str) -> None:
-        super().__init__(target_host, target_port)
-        self.listen_host = listen_host
+    def __init__(self, target: Upstream, listen_host: str) -> None:
+        super().__init__(target, listen_host)
         self.delay = 0.0
-
-    async def _listen(self) -> asyncio.Server:
-        return await asyncio.start_server(self._accept, self.listen_host, 0)
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()

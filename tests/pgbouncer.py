@@ -23,12 +23,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
 
 from tests.conftest import free_port
+from tests.faults import server_address, through
 
 RUN_AS = "postgres"  # PgBouncer exits at once when started as root
 SEARCH_PATH = ("/usr/sbin", "/usr/local/sbin", "/usr/bin", "/usr/local/bin")
@@ -54,27 +55,24 @@ class PgBouncer:
     def __init__(self, database_url: str, *, pool_size: int = 20, max_client_conn: int = 900):
         self.database_url = database_url
         self.pool_size, self.max_client_conn = pool_size, max_client_conn
-        self.port = free_port()
+        self.listen_host, self.port = "127.0.0.1", free_port()
         self.folder = Path(tempfile.mkdtemp(prefix="balancectl-pgbouncer-"))
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         """The test database's URL, through the bouncer."""
-        parts = urlsplit(self.database_url)
-        user = parts.username or "postgres"
-        return urlunsplit(parts._replace(netloc=f"{user}@127.0.0.1:{self.port}"))
+        return through(self.database_url, self)
 
     @property
     def log(self) -> Path:
         return self.folder / "pgbouncer.log"
 
     def config(self) -> str:
-        target = urlsplit(self.database_url)
         return "\n".join(
             [
                 "[databases]",
-                f"* = host={target.hostname or '127.0.0.1'} port={target.port or 5432}",
+                f"* = {server_line(self.database_url)}",
                 "[pgbouncer]",
                 "listen_addr = 127.0.0.1",
                 f"listen_port = {self.port}",
@@ -164,3 +162,13 @@ def bouncer(database_url: str) -> Iterator[PgBouncer]:
     """Requested before ``cluster_factory``: the nodes stop before their bouncer does."""
     with pgbouncer(database_url, pool_size=20) as running_bouncer:
         yield running_bouncer
+
+
+def server_line(database_url: str) -> str:
+    """PgBouncer's ``host=... port=...`` for the server of ``database_url`` (a Unix socket's
+    folder and port for the embedded test server)."""
+    address = server_address(database_url)
+    if isinstance(address, str):
+        folder, _, name = address.rpartition("/")
+        return f"host={folder} port={name.rsplit('.', 1)[1]}"
+    return f"host={address[0]} port={address[1]}"

@@ -37,13 +37,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 from balancectl.toolkit.cluster import pump
 from tests.conftest import sql
-from tests.faults import log_line, logged_at
+from tests.faults import log_line, logged_at, server_address, through
 from tests.netns import Forwarder, Host, KernelRefused, hosts, netem_refusal
 from tests.processes import node_args
 from tests.scheduling import Run, assert_no_overlap, parse_run, wait_for
@@ -117,25 +116,14 @@ def write_jobs(path: Path) -> Path:
     return path
 
 
-def via(database_url: str, forwarder: Forwarder) -> str:
-    """The test's database, reached through ``forwarder`` (from inside its host)."""
-    parts = urlsplit(database_url)
-    credentials = parts.username or "postgres"
-    if parts.password:
-        credentials += f":{parts.password}"
-    netloc = f"{credentials}@{forwarder.listen_host}:{forwarder.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def start_node(index: int, host: Host, database_url: str, jobs: Path, log: IO[str]) -> HostNode:
-    target = urlsplit(database_url)
-    forwarder = Forwarder(target.hostname or "127.0.0.1", target.port or 5432, host.root_addr)
+    forwarder = Forwarder(server_address(database_url), host.root_addr)
     forwarder.start()
     node_id = f"host-{index + 1}"
     command = [
         sys.executable, "-m", "balancectl", "serve", "--node-id", node_id,
         "--host", host.addr, "--port", str(PORT), "--api-token", TOKEN,
-        "--database-url", via(database_url, forwarder), "--workers", "1", "--pool-size", "2",
+        "--database-url", through(database_url, forwarder), "--workers", "1", "--pool-size", "2",
         *node_args(jobs_file=jobs, lease_ttl=TTL, poll=POLL, settle=SETTLE),
     ]  # fmt: skip
     process = subprocess.Popen(

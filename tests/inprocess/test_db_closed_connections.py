@@ -11,28 +11,25 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 from balancectl.config import PoolSettings
 from balancectl.db import Database
-from tests.faults import TcpProxy, proxied
+from tests.faults import TcpProxy, proxied, through
 
 POOL = 4
 
 
 @pytest.fixture
 def proxy(database_url: str) -> Iterator[TcpProxy]:
-    target = urlsplit(database_url)
-    with proxied(target.hostname or "127.0.0.1", target.port or 5432) as running:
+    with proxied(database_url) as running:
         yield running
 
 
 @pytest.fixture
 async def db(database_url: str, proxy: TcpProxy) -> AsyncIterator[Database]:
-    parts = urlsplit(database_url)
-    url = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}"))
+    url = through(database_url, proxy)
     database = Database(url, PoolSettings(min_size=POOL, max_size=POOL))
     await database.open(wait=True)
     try:

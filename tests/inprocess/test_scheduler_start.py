@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from urllib.parse import urlsplit, urlunsplit
 
 from balancectl.config import PoolSettings, SchedulerSettings
 from balancectl.db import Database
 from balancectl.scheduler import Scheduler, SchedulerStore
 from balancectl.scheduler.registry import parse_jobs
 from tests.conftest import sql
-from tests.faults import proxied
+from tests.faults import proxied, through
 
 TTL = 3.0
 HELD = 2.5  # seconds the link holds everything: more than two call deadlines (0.9 s)
@@ -25,11 +24,10 @@ JOBS = '[[jobs]]\nname = "x"\nfunction = "balancectl.jobs.builtin:idle"\ninterva
 
 
 async def test_a_registration_held_past_its_deadline_is_tried_again(database_url: str) -> None:
-    parts = urlsplit(database_url)
     pool = PoolSettings(min_size=1, max_size=3, timeout=1.0, statement_timeout=1.0)
     settings = SchedulerSettings(lease_ttl=TTL, poll_interval=0.2, settle=0)
-    with proxied(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
-        url = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}"))
+    with proxied(database_url) as proxy:
+        url = through(database_url, proxy)
         db = Database(url, pool, name="scheduler")
         await db.open(wait=True)
         scheduler = Scheduler(

@@ -16,7 +16,6 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 from typer.testing import CliRunner
@@ -24,7 +23,7 @@ from typer.testing import CliRunner
 from balancectl import cli
 from balancectl.config import NodeSettings
 from tests.conftest import free_port, free_ports, sql
-from tests.faults import proxied
+from tests.faults import proxied, through
 from tests.processes import ClusterFactory, Launched, session_processes
 
 REFUSED_DB = "postgresql://postgres@127.0.0.1:1/nothing"
@@ -136,10 +135,8 @@ def test_node_gone_during_jobs_watch(cluster_factory: ClusterFactory) -> None:
 
 
 def test_database_gone_during_jobs_watch(database_url: str) -> None:
-    database = urlsplit(database_url)
-    assert database.hostname is not None
-    with proxied(database.hostname, database.port or 5432) as proxy:
-        url = database._replace(netloc=f"{database.username}@127.0.0.1:{proxy.port}").geturl()
+    with proxied(database_url) as proxy:
+        url = through(database_url, proxy)
         with Launched("jobs", "--database-url", url, "--watch", "--interval", "0.5") as watch:
             wait_a_moment(watch, 3.0)  # off a terminal, a live view prints only at its end
             proxy.cut("reject")

@@ -19,8 +19,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from balancectl.dashboard import AUDIT_FUNCTION
 from tests.conftest import sql
 from tests.faults import proxied, through
@@ -249,10 +247,7 @@ def test_a_cut_database_link_is_a_503_problem_not_a_hang(
     cluster_factory: ClusterFactory, database_url: str
 ) -> None:
     """The page reads a 503 as "not answering"; a hang would freeze it until its own timeout."""
-    target = urllib.parse.urlsplit(database_url)
-    if target.hostname is None or "host=" in target.query:
-        pytest.skip("the proxy forwards TCP: needs BALANCECTL_TEST_DATABASE_URL over TCP")
-    with proxied(target.hostname or "127.0.0.1", target.port or 5432) as proxy:
+    with proxied(database_url) as proxy:
         url = cluster_factory(1, "--no-scheduler", url=through(database_url, proxy)).urls[0]
         assert dashboard(url)["nodes"] == []
         for mode in ("drop", "reject"):
@@ -317,10 +312,7 @@ def test_request_counts_add_up_over_nodes_and_workers_and_outlive_a_cut_link(
     """Two nodes of two workers each: every answer counted once, in either node's document;
     the 503s of an outage are counted too, recorded once the link is back (kept, not lost),
     and the workers go on serving while their records fail."""
-    target = urllib.parse.urlsplit(database_url)
-    if target.hostname is None or "host=" in target.query:
-        pytest.skip("the proxy forwards TCP: needs BALANCECTL_TEST_DATABASE_URL over TCP")
-    with proxied(target.hostname or "127.0.0.1", target.port or 5432) as proxy:
+    with proxied(database_url) as proxy:
         args = ("--no-scheduler", "--workers", "2", "--pool-timeout", "2")
         cluster = cluster_factory(2, *args, url=through(database_url, proxy))
         first, second = cluster.urls

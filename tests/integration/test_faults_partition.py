@@ -22,7 +22,6 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -101,9 +100,8 @@ def test_cut_off_node_gives_up_its_job_in_time_and_writes_nothing_after(
 ) -> None:
     jobs = write_jobs(tmp_path / "jobs.toml", [JOB], min_duration="10m", interval="10m")
     args = node_args(jobs_file=jobs, lease_ttl=TTL, poll=POLL, settle=SETTLE)
-    target = urlsplit(database_url)
     log = tmp_path / "nodes.log"
-    with proxied(target.hostname or "127.0.0.1", target.port or 5432) as proxy:
+    with proxied(database_url) as proxy:
         a = spawn("node-a", through(database_url, proxy), args)
         wait_for("node-a to run the job", lambda: running(a).get(JOB) == "node-a", 30)
         b = spawn("node-b", database_url, args)

@@ -18,7 +18,7 @@ import asyncio
 import socket
 import time
 from contextlib import AbstractAsyncContextManager
-from urllib.parse import urlsplit
+from typing import Any
 
 import pytest
 
@@ -95,8 +95,7 @@ async def test_a_statement_past_its_deadline_is_cancelled_on_the_server(
 
 async def test_a_cancel_to_a_silent_server_does_not_hang(database_url: str) -> None:
     deadline = 2.0
-    target = urlsplit(database_url)
-    with proxied(target.hostname or "127.0.0.1", target.port or 5432) as proxy:
+    with proxied(database_url) as proxy:
         async with database(through(database_url, proxy), statement_timeout=deadline) as db:
             task = asyncio.create_task(run_probe(db))
             await wait_probe(database_url, running=True, timeout=5)
@@ -131,7 +130,22 @@ async def serves_again(db: Database, timeout: float = 15.0) -> None:
 async def test_every_connection_has_keepalives_and_the_session_settings(
     database_url: str,
 ) -> None:
-    async with database(database_url, statement_timeout=10.0) as db:
+    # Over TCP whatever the server (the embedded test server listens on a Unix socket only).
+    with proxied(database_url) as proxy:
+        tcp_url = through(database_url, proxy)
+        options, settings = await connection_options(tcp_url)
+    assert options == (1, 2, 5000), options
+    assert settings == {
+        "transaction_isolation": "read committed",
+        "statement_timeout": "10s",
+        "lock_timeout": "5s",
+        "idle_in_transaction_session_timeout": "1s",
+    }, settings
+
+
+async def connection_options(url: str) -> tuple[tuple[int, int, int], dict[str, Any]]:
+    """A pooled connection's TCP keepalive options and its session settings."""
+    async with database(url, statement_timeout=10.0) as db:
         async with db.pool.connection() as connection:
             with socket.socket(fileno=connection.pgconn.socket) as sock:
                 try:
@@ -151,10 +165,4 @@ async def test_every_connection_has_keepalives_and_the_session_settings(
             ):
                 cursor = await connection.execute(f"SHOW {name}")
                 settings[name] = (await cursor.fetchone() or {}).get(name)
-    assert options == (1, 2, 5000), options
-    assert settings == {
-        "transaction_isolation": "read committed",
-        "statement_timeout": "10s",
-        "lock_timeout": "5s",
-        "idle_in_transaction_session_timeout": "1s",
-    }, settings
+    return options, settings

@@ -23,7 +23,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -169,8 +168,7 @@ def test_a_paused_node_holds_no_lock_that_blocks_another_node(
 def test_a_cut_off_node_holds_no_lock_that_blocks_another_node(
     streams: int, database_url: str, spawn: Spawn
 ) -> None:
-    target = urlsplit(database_url)
-    with proxied(target.hostname or "127.0.0.1", target.port or 5432) as proxy:
+    with proxied(database_url) as proxy:
         a = spawn("node-a", through(database_url, proxy), ["--no-scheduler"])
         b = spawn("node-b", database_url, ["--no-scheduler"])
         run_trials(database_url, a.url, b, streams, lambda: cut(proxy), proxy.restore)

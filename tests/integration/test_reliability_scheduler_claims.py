@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
@@ -22,7 +21,7 @@ from balancectl.db import Database
 from balancectl.scheduler import Scheduler, SchedulerStore
 from balancectl.scheduler.registry import parse_jobs
 from tests.conftest import sql
-from tests.faults import proxied
+from tests.faults import proxied, through
 
 TTL = 3.0
 JOBS = '[[jobs]]\nname = "{}"\nfunction = "balancectl.jobs.builtin:idle"\ninterval = "1h"\n'
@@ -50,12 +49,10 @@ def token_of(url: str, job: str) -> int:
 async def late_claim(url: str, job: str) -> tuple[int, list[int], int, list[tuple[int, str]]]:
     """The token committed while the node did not know it; tokens the node knew; the token
     it ran then; the history."""
-    parts = urlsplit(url)
     pool = PoolSettings(min_size=1, max_size=3, timeout=1.0, statement_timeout=0.9)
     settings = SchedulerSettings(lease_ttl=TTL, poll_interval=0.2, settle=1.0)
-    with proxied(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
-        netloc = f"{parts.username}@127.0.0.1:{proxy.port}"
-        db = Database(urlunsplit(parts._replace(netloc=netloc)), pool, name="scheduler")
+    with proxied(url) as proxy:
+        db = Database(through(url, proxy), pool, name="scheduler")
         await db.open(wait=True)
         specs = parse_jobs(JOBS.format(job), "inline")
         scheduler = Scheduler(SchedulerStore(db, f"n-{job}", TTL), specs, settings, db)

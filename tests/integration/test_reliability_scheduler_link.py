@@ -16,7 +16,6 @@ import signal
 import time
 from itertools import pairwise
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -24,16 +23,11 @@ from balancectl.config import PoolSettings, SchedulerSettings
 from balancectl.db import Database
 from balancectl.scheduler import Scheduler, SchedulerStore
 from balancectl.scheduler.registry import JobSpec, parse_jobs
-from tests.faults import proxied
+from tests.faults import proxied, through
 from tests.processes import ClusterFactory, node_args
 from tests.scheduling import POLL, running, wait_for, write_jobs
 
 TTL = 3.0
-
-
-def through(database_url: str, port: int) -> str:
-    parts = urlsplit(database_url)
-    return urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}"))
 
 
 @pytest.mark.slow
@@ -43,10 +37,9 @@ def test_sigterm_under_a_dropped_link_ends_the_node_within_ttl_plus_5_s(
     jobs = write_jobs(
         tmp_path / "jobs.toml", ["tick"], min_duration="60s", function="tests.jobs:busy"
     )
-    parts = urlsplit(database_url)
-    with proxied(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
+    with proxied(database_url) as proxy:
         args = node_args(jobs_file=jobs, lease_ttl=TTL, poll=POLL, settle=0)
-        node = cluster_factory(1, *args, url=through(database_url, proxy.port)).members[0]
+        node = cluster_factory(1, *args, url=through(database_url, proxy)).members[0]
         wait_for("tick to run", lambda: running(node) == {"tick": "node-1"}, timeout=30)
         time.sleep(1.0)
         proxy.cut("drop")
@@ -81,10 +74,9 @@ async def renewal_gaps(
     settings: SchedulerSettings,
     caplog: pytest.LogCaptureFixture,
 ) -> list[float]:
-    parts = urlsplit(database_url)
     pool = PoolSettings(min_size=1, max_size=3, timeout=1.0, statement_timeout=1.0)
-    with proxied(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
-        db = Database(through(database_url, proxy.port), pool, name="scheduler")
+    with proxied(database_url) as proxy:
+        db = Database(through(database_url, proxy), pool, name="scheduler")
         await db.open(wait=True)
         scheduler = Scheduler(SchedulerStore(db, "in-process", TTL), specs, settings, db)
         await scheduler.start()

@@ -9,14 +9,13 @@ the client sends): registering five jobs is one round trip, and every job is the
 from __future__ import annotations
 
 import asyncio
-from urllib.parse import urlsplit, urlunsplit
 
 from balancectl.config import PoolSettings
 from balancectl.db import Database
 from balancectl.scheduler import SchedulerStore
 from balancectl.scheduler.registry import parse_jobs
 from tests.conftest import sql
-from tests.faults import TcpProxy
+from tests.faults import TcpProxy, server_address, through
 
 TABLE = '[[jobs]]\nname = "job-{}"\nfunction = "balancectl.jobs.builtin:idle"\ninterval = "1h"\n'
 
@@ -26,9 +25,7 @@ class CountingProxy(TcpProxy):
 
     sent = 0
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if writer.get_extra_info("peername")[1] != self.target[1]:
-            return await super()._pipe(reader, writer)
+    async def _to_server(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         original = reader.read
 
         async def counted(n: int = -1) -> bytes:
@@ -37,13 +34,11 @@ class CountingProxy(TcpProxy):
             return data
 
         reader.read = counted  # type: ignore[method-assign]
-        return await super()._pipe(reader, writer)
+        await super()._to_server(reader, writer)
 
 
 async def register_through(proxy: CountingProxy, url: str) -> int:
-    parts = urlsplit(url)
-    netloc = f"{parts.username}@127.0.0.1:{proxy.port}"
-    db = Database(urlunsplit(parts._replace(netloc=netloc)), PoolSettings(min_size=1, max_size=1))
+    db = Database(through(url, proxy), PoolSettings(min_size=1, max_size=1))
     await db.open(wait=True)
     try:
         await db.fetch_one("database_now")  # the connection is set up; count from here
@@ -56,8 +51,7 @@ async def register_through(proxy: CountingProxy, url: str) -> int:
 
 
 def test_registering_five_jobs_is_one_round_trip(database_url: str) -> None:
-    parts = urlsplit(database_url)
-    proxy = CountingProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    proxy = CountingProxy(server_address(database_url))
     proxy.start()
     try:
         sent = asyncio.run(register_through(proxy, database_url))

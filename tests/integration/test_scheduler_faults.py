@@ -11,11 +11,10 @@ import signal
 import time
 from datetime import datetime
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from balancectl.toolkit.cluster import LocalCluster, NodeProcess
 from tests.conftest import sql
-from tests.faults import proxied
+from tests.faults import proxied, through
 from tests.processes import ClusterFactory, http_json, node_args
 from tests.scheduling import (
     POLL,
@@ -204,11 +203,8 @@ def test_a_node_cut_off_from_the_database_stops_its_run_before_its_lease_expires
     cluster_factory: ClusterFactory, database_url: str, tmp_path: Path
 ) -> None:
     jobs = write_jobs(tmp_path / "jobs.toml", ["tick"], min_duration="40s")
-    parts = urlsplit(database_url)
-    with proxied(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
-        through_proxy = urlunsplit(
-            parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}")
-        )
+    with proxied(database_url) as proxy:
+        through_proxy = through(database_url, proxy)
         args = node_args(jobs_file=jobs, lease_ttl=TTL, poll=POLL, settle=0)
         cut_off = cluster_factory(1, *args, "--node-id", "cut-off", url=through_proxy)
         wait_for(
