@@ -5,7 +5,9 @@ with an auth file naming the URL's user) and yields it; ``bouncer.url`` is the s
 database reached through it. The ``bouncer`` fixture is one (pool size 20) for a test's
 own database; request it before ``cluster_factory``, so that the nodes stop first.
 PgBouncer refuses to run as root, so as root it runs as the system user ``postgres``
-(its files then live in a folder that user owns).
+(its files then live in a folder that user owns). In front of the embedded test server,
+whose Unix socket only its own user may open, it goes through a ``tests.faults.TcpProxy``
+relay on loopback.
 
 Without the ``pgbouncer`` binary the calling test fails, saying how to install it: CI
 installs it, so a missing binary is a broken environment, never a reason to skip.
@@ -29,7 +31,7 @@ import psycopg
 import pytest
 
 from tests.conftest import free_port
-from tests.faults import server_address, through
+from tests.faults import TcpProxy, server_address, through
 
 RUN_AS = "postgres"  # PgBouncer exits at once when started as root
 SEARCH_PATH = ("/usr/sbin", "/usr/local/sbin", "/usr/bin", "/usr/local/bin")
@@ -58,6 +60,10 @@ class PgBouncer:
         self.listen_host, self.port = "127.0.0.1", free_port()
         self.folder = Path(tempfile.mkdtemp(prefix="balancectl-pgbouncer-"))
         self.process: subprocess.Popen[bytes] | None = None
+        # The embedded test server's Unix socket is its own user's, not PgBouncer's: a
+        # relay on loopback (in this process, as root) reaches it instead.
+        self._relay: TcpProxy | None = None
+        self._server: tuple[str, int] = ("127.0.0.1", 5432)
 
     @property
     def url(self) -> str:
@@ -72,7 +78,7 @@ class PgBouncer:
         return "\n".join(
             [
                 "[databases]",
-                f"* = {server_line(self.database_url)}",
+                f"* = host={self._server[0]} port={self._server[1]}",
                 "[pgbouncer]",
                 "listen_addr = 127.0.0.1",
                 f"listen_port = {self.port}",
@@ -92,6 +98,11 @@ class PgBouncer:
 
     def start(self, timeout: float = 20.0) -> PgBouncer:
         binary = pgbouncer_binary()
+        address = server_address(self.database_url)
+        if isinstance(address, str):
+            self._relay = TcpProxy(address).start()
+            address = (self._relay.listen_host, self._relay.port)
+        self._server = address
         user = urlsplit(self.database_url).username or "postgres"
         (self.folder / "userlist.txt").write_text(f'"{user}" ""\n')
         (self.folder / "pgbouncer.ini").write_text(self.config())
@@ -114,6 +125,9 @@ class PgBouncer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self._relay is not None:
+            self._relay.stop()
+            self._relay = None
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def _hand_folder_to(self, user: str) -> None:
@@ -162,13 +176,3 @@ def bouncer(database_url: str) -> Iterator[PgBouncer]:
     """Requested before ``cluster_factory``: the nodes stop before their bouncer does."""
     with pgbouncer(database_url, pool_size=20) as running_bouncer:
         yield running_bouncer
-
-
-def server_line(database_url: str) -> str:
-    """PgBouncer's ``host=... port=...`` for the server of ``database_url`` (a Unix socket's
-    folder and port for the embedded test server)."""
-    address = server_address(database_url)
-    if isinstance(address, str):
-        folder, _, name = address.rpartition("/")
-        return f"host={folder} port={name.rsplit('.', 1)[1]}"
-    return f"host={address[0]} port={address[1]}"
