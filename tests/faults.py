@@ -33,6 +33,7 @@ import pytest
 
 from balancectl.toolkit.cluster import NodeProcess, node_command, pump, ready
 from tests.conftest import free_port
+from tests.processes import wait_or_kill
 from tests.scheduling import wait_for
 
 T = TypeVar("T")
@@ -228,11 +229,7 @@ def spawn(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Spawn]:
         if node.process.poll() is None:
             node.process.terminate()
     for node in nodes:
-        try:
-            node.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            node.process.kill()
-            node.process.wait()
+        wait_or_kill(node.process, 20)
         node.reap()
     log.close()
     report = getattr(request.node, "rep_call", None)

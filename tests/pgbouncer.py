@@ -32,6 +32,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.faults import TcpProxy, server_address, through
+from tests.processes import wait_or_kill
 
 RUN_AS = "postgres"  # PgBouncer exits at once when started as root
 SEARCH_PATH = ("/usr/sbin", "/usr/local/sbin", "/usr/bin", "/usr/local/bin")
@@ -120,11 +121,7 @@ class PgBouncer:
         """Immediate shutdown (SIGTERM), then SIGKILL if it lingers; removes its folder."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            wait_or_kill(self.process, 10)
         if self._relay is not None:
             self._relay.stop()
             self._relay = None

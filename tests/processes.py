@@ -220,6 +220,15 @@ def node_args(
     return args
 
 
+def wait_or_kill(process: subprocess.Popen[Any], grace: float) -> None:
+    """Wait up to ``grace`` s for ``process`` (already asked to stop) to end; else SIGKILL."""
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def session_processes(session: int) -> list[int]:
     """The live (not zombie) processes whose session id is ``session``."""
     found = []

@@ -44,7 +44,7 @@ from balancectl.toolkit.cluster import pump
 from tests.conftest import sql
 from tests.faults import log_line, logged_at, server_address, through
 from tests.netns import Forwarder, Host, KernelRefused, hosts, netem_refusal
-from tests.processes import node_args
+from tests.processes import node_args, wait_or_kill
 from tests.scheduling import Run, assert_no_overlap, parse_run, wait_for
 
 pytestmark = pytest.mark.slow
@@ -142,11 +142,7 @@ def stop(node: HostNode) -> None:
     """SIGTERM (SIGKILL after 20 s), then the forwarder; safe to call twice."""
     if node.process.poll() is None:
         node.process.terminate()
-        try:
-            node.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            node.process.kill()
-            node.process.wait()
+        wait_or_kill(node.process, 20)
     if node.pump is not None:
         node.pump.join(timeout=5)
         node.pump = None
