@@ -241,8 +241,9 @@ class Database:
     async def open(self, *, wait: bool = False) -> None:
         await self.pool.open(wait=wait, timeout=self.settings.timeout)
 
-    async def close(self) -> None:
-        await self.pool.close()
+    async def close(self, timeout: float = 5.0) -> None:
+        """Close the pool, waiting up to ``timeout`` s for its connection attempts to end."""
+        await self.pool.close(timeout=timeout)
 
     async def wait_open(self, bound: float = OPEN_WAIT) -> None:
         """Wait (at most ``bound`` s) for the pool's ``min_size`` connections, at a node's start.

@@ -14,8 +14,9 @@ import logging
 import signal
 import socket
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import replace
+from typing import Any
 
 from balancectl.config import NodeSettings, PoolSettings, worker_pool
 from balancectl.db import Database, TooManyConnections, refusal, server_facts
@@ -29,6 +30,7 @@ from balancectl.workers import Workers, WorkersFailed, metrics_folder
 
 log = logging.getLogger("balancectl.node")
 SOMAXCONN = "/proc/sys/net/core/somaxconn"
+CLOSE_WAIT = 1.0  # seconds a closing scheduler pool waits for its connection attempts
 
 __all__ = ["bind", "configure_logging", "serve"]
 
@@ -101,8 +103,13 @@ async def supervise(
     for number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(number, on_signal, number)
     # The node joins before its workers' CPU-heavy start, so peers started with it count
-    # it from the start; it claims jobs once its workers serve.
-    async with scheduled(settings, specs) as scheduler:
+    # it from the start; it claims jobs once its workers serve. A signal while it joins
+    # (its pools or its registration waiting on a database gone silent) ends it at once.
+    async with AsyncExitStack() as stack:
+        joining = asyncio.ensure_future(stack.enter_async_context(scheduled(settings, specs)))
+        if not await done_before(stop, joining):
+            return received[0] if received else None
+        scheduler = joining.result()
         with Workers(settings, sock) as workers:
             try:
                 await serve_until(stop, settings, workers, scheduler)
@@ -112,6 +119,19 @@ async def supervise(
                     await scheduler.stop()  # hands its jobs back while the workers drain
             await workers.wait()
     return received[0] if received else None
+
+
+async def done_before(stop: asyncio.Event, task: asyncio.Future[Any]) -> bool:
+    """Whether ``task`` ended before ``stop`` was set; if not, it is cancelled and awaited."""
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if task.done():
+        return True
+    task.cancel()
+    with suppress(asyncio.CancelledError):
+        await task
+    return False
 
 
 async def serve_until(
@@ -202,13 +222,16 @@ def job_pool(settings: NodeSettings) -> PoolSettings:
 
 @asynccontextmanager
 async def opened(db: Database) -> AsyncIterator[Database]:
-    """The pool, open with its first connections (``TooManyConnections`` if refused)."""
+    """The pool, open with its first connections (``TooManyConnections`` if refused).
+
+    Closed without waiting on a connection attempt a silent link holds (a stop while the
+    node joins, or with the database gone) for longer than ``CLOSE_WAIT``."""
     await db.open()
     try:
         await db.wait_open()
         yield db
     finally:
-        await db.close()
+        await db.close(timeout=CLOSE_WAIT)
 
 
 @asynccontextmanager
