@@ -12,6 +12,7 @@ import os
 import sqlalchemy as sa
 from alembic import context
 
+from balancectl.db import link_bounds
 from balancectl.schema import metadata
 
 MIGRATION_LOCK_ID = 0x62616C616E6365  # "balance"
@@ -27,7 +28,8 @@ def _url() -> str:
 
 
 def run_online() -> None:
-    engine = sa.create_engine(_url(), poolclass=sa.pool.NullPool)
+    # Bounded like every connection of the node: a silent server fails the attempt in 5 s.
+    engine = sa.create_engine(_url(), poolclass=sa.pool.NullPool, connect_args=link_bounds())
     with engine.connect() as connection:
         context.configure(
             connection=connection,

@@ -421,9 +421,7 @@ def server_facts(url: str) -> ServerFacts:
     its own (a node's start opens one, not one per value); a database that cannot answer
     now has neither (a node then leaves it to Alembic, which waits for the server)."""
     try:
-        # Bounded like every connection: a link gone silent fails within 5 s.
-        bounds: dict[str, Any] = {"connect_timeout": 5, **keepalive_kwargs(5.0)}
-        with psycopg.connect(url, autocommit=True, prepare_threshold=None, **bounds) as conn:
+        with psycopg.connect(url, autocommit=True, prepare_threshold=None, **link_bounds()) as conn:
             revision = first_value(conn, "schema_revision")
             limit = first_value(conn, "max_connections")
     except psycopg.Error:
@@ -476,6 +474,12 @@ def startup_options(settings: PoolSettings) -> str:
     return " ".join(f"-c {name}={value}" for name, value in escaped.items())
 
 
+def link_bounds(link_timeout: float = 5.0) -> dict[str, Any]:
+    """Every connection's bounds: it is set up within 5 s, or fails (a server that accepts
+    and then says nothing, a DROP rule), and a link gone silent fails in ``link_timeout`` s."""
+    return {"connect_timeout": 5, **keepalive_kwargs(link_timeout)}
+
+
 def keepalive_kwargs(link_timeout: float) -> dict[str, int]:
     """TCP keepalives and ``tcp_user_timeout``: a silent link fails in ``link_timeout`` s."""
     idle = max(1, int(link_timeout / 2))
@@ -496,9 +500,8 @@ def connection_kwargs(settings: PoolSettings) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "autocommit": True,
         "row_factory": dict_row,
-        "connect_timeout": 5,
         "options": startup_options(settings),
-        **keepalive_kwargs(settings.link_timeout),
+        **link_bounds(settings.link_timeout),
     }
     if not settings.prepared_statements:
         # Behind a transaction-pooling PgBouncer older than 1.21, server-side

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psycopg
@@ -13,6 +15,7 @@ from alembic import command
 from balancectl.migrations import alembic_config, head_revision, upgrade
 from balancectl.revision import SCHEMA_HEAD
 from tests.conftest import sql
+from tests.faults import proxied, through
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 MIGRATING_PROCESSES = 5
@@ -102,3 +105,27 @@ def test_a_node_start_on_a_database_behind_head_upgrades_it(empty_database_url: 
     command.upgrade(alembic_config(empty_database_url), "0005")
     assert node_migrate(empty_database_url) == "True"
     assert_seeded_once_at_head(empty_database_url)
+
+
+MIGRATE_GIVES_UP = 15.0  # seconds: a connection's bound (5 s) and a process start, with slack
+
+
+def test_migrate_against_a_database_that_never_answers_fails_in_one_line(
+    empty_database_url: str,
+) -> None:
+    """A server that accepts the connection and then says nothing (a DROP rule, a hung
+    host) is one line and exit 2 within the connection's 5 s bound, not a hang."""
+    with proxied(empty_database_url) as proxy:
+        proxy.cut("drop")
+        began = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "balancectl", "migrate"],
+            env={**os.environ, "BALANCECTL_DATABASE_URL": through(empty_database_url, proxy)},
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        took = time.monotonic() - began
+    print(f"\nmigrate against a silent database: exit {done.returncode} after {took:.1f} s")
+    assert took <= MIGRATE_GIVES_UP, f"{took:.1f} s"
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("balancectl: the database cannot be reached: "), done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
