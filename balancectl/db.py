@@ -46,12 +46,15 @@ NOT_APPLIED_STATES = frozenset({"55P03", "57014", "25P03", "40001", "40P01"})
 # How long a node's start waits for a pool's first connections before it carries on and
 # lets the pool keep trying (a slow server is not a refusal).
 OPEN_WAIT = 10.0
-# The server's words for SQLSTATE 53300 (too_many_connections): libpq reports a refused
-# connection by its message only, without the SQLSTATE.
+# PgBouncer's words when its max_client_conn is reached.
+BOUNCER_FULL = "no more connections allowed (max_client_conn)"
+# The server's words for SQLSTATE 53300 (too_many_connections), and PgBouncer's: libpq
+# reports a refused connection by its message only, without the SQLSTATE.
 NO_SLOTS = (
     "too many clients already",
     "too many connections for",
     "remaining connection slots are reserved",
+    BOUNCER_FULL,
 )
 Params = Mapping[str, Any]
 

@@ -19,7 +19,7 @@ from dataclasses import replace
 from typing import Any
 
 from balancectl.config import NodeSettings, PoolSettings, worker_pool
-from balancectl.db import Database, TooManyConnections, refusal, server_facts
+from balancectl.db import BOUNCER_FULL, Database, TooManyConnections, refusal, server_facts
 from balancectl.errors import ConfigError
 from balancectl.logs import configure_logging
 from balancectl.open_files import raise_open_files_limit
@@ -179,11 +179,16 @@ def migrate(
 def refused(
     settings: NodeSettings, specs: Sequence[JobSpec], error: TooManyConnections, limit: int | None
 ) -> str:
-    """The one line of a node the server has no connection slots for, with its arithmetic."""
+    """The one line of a node the server (or PgBouncer) has no connection slots for, with
+    its arithmetic."""
+    wanted = f"{settings.node_id} cannot open {connection_arithmetic(settings, specs)}"
+    if BOUNCER_FULL in error.detail:
+        return f"{wanted}: PgBouncer refused: {error.detail}; " + (
+            "raise PgBouncer's max_client_conn or run fewer nodes"
+        )
     server = "" if limit is None else f" (max_connections={limit})"
     return (
-        f"{settings.node_id} cannot open {connection_arithmetic(settings, specs)}: "
-        f"the server refused: {error.detail}{server}; "
+        f"{wanted}: the server refused: {error.detail}{server}; "
         "use PgBouncer (docs/operations.md) or fewer nodes"
     )
 

@@ -37,6 +37,7 @@ import pytest
 from balancectl.migrations import upgrade
 from balancectl.toolkit.embedded import embedded_database_url, stop_embedded
 from tests.conftest import free_port, sql
+from tests.pgbouncer import PgBouncer
 from tests.processes import ClusterFactory, Launched, http_json
 from tests.scheduling import write_jobs
 
@@ -224,3 +225,24 @@ def test_the_node_past_the_servers_connections_is_refused_and_the_others_serve(
     for url in cluster.urls:
         assert readyz(url) == 200
         assert http_json(f"{url}/users/1/balance", "POST", {"amount": -1})[0] == 200
+
+
+def test_a_node_past_pgbouncers_max_client_conn_exits_2_in_one_line(database_url: str) -> None:
+    """PgBouncer's own refusal (``max_client_conn``) is a refusal too, named as PgBouncer's."""
+    bouncer = PgBouncer(database_url, pool_size=4, max_client_conn=3)
+    bouncer.start()
+    try:
+        port = free_port()
+        with start_node(bouncer.url, port, "--no-scheduler", "--no-prepare") as node:
+            status, seen, seconds = watch_until_exit(node, port)
+            line = refusal_line(node.output)
+            print(f"\nbehind PgBouncer, max_client_conn 3: exit {status} after {seconds:.1f} s")
+            print(line)
+            assert status == 2, node.output
+            assert 200 not in seen, "the node answered ready while it could not open its pools"
+            assert line.startswith("balancectl: node-x cannot open its 6 connections "), line
+            assert "PgBouncer refused: no more connections allowed (max_client_conn)" in line
+            assert line.endswith("; raise PgBouncer's max_client_conn or run fewer nodes"), line
+            assert node.leftovers() == []
+    finally:
+        bouncer.stop()
