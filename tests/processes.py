@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from balancectl.toolkit.cluster import LocalCluster
+from balancectl.toolkit.cluster import LocalCluster, NodeProcess
 from tests.conftest import RUN_PREFIX, create_database, drop_database, free_port
 
 ClusterFactory = Callable[..., LocalCluster]
@@ -227,6 +227,45 @@ def wait_or_kill(process: subprocess.Popen[Any], grace: float) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (Linux /proc), not ``pid`` itself."""
+    found: set[int] = set()
+    queue = [pid]
+    while queue:
+        current = queue.pop()
+        try:
+            tasks = list(Path(f"/proc/{current}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                children = {int(c) for c in (task / "children").read_text().split()}
+            except OSError:
+                continue
+            queue.extend(children - found)
+            found |= children
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def workers_of(node: NodeProcess) -> set[int]:
+    """The node's worker processes: its children running the balancectl worker."""
+    return {
+        pid
+        for pid in descendants(node.process.pid)
+        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        and alive(pid)
+        and not Path(f"/proc/{pid}/cmdline").read_bytes().count(b"resource_tracker")
+    }
 
 
 def session_processes(session: int) -> list[int]:

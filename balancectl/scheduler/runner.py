@@ -196,7 +196,6 @@ class Scheduler:
             # run is in self.runs (and has started) and gets cancelled and recorded too.
             await asyncio.wait([self._claiming], timeout=self.call_timeout + 0.5)
             await asyncio.sleep(0)
-            self._loops.append(self._claiming)
         runs = list(self.runs.values())
         for run in runs:
             run.stop("cancelled")
@@ -208,10 +207,11 @@ class Scheduler:
         await asyncio.gather(*(self._record(run, "unresponsive", error) for run in stuck))
         if tasks:
             await asyncio.wait(tasks, timeout=self.call_timeout + 0.5)
-        for loop in self._loops:
+        loops = [*self._loops, *([self._claiming] if self._claiming is not None else [])]
+        for loop in loops:
             loop.cancel()
-        if self._loops:
-            await asyncio.wait(self._loops, timeout=1.0)
+        if loops:
+            await asyncio.wait(loops, timeout=1.0)
         await self._bounded("mark node stopped", self.store.stop_node())
 
     # ------------------------------------------------------------------ claiming

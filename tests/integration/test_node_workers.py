@@ -16,9 +16,8 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-from balancectl.toolkit.cluster import NodeProcess
 from tests.conftest import sql
-from tests.processes import ClusterFactory, http_json, node_args
+from tests.processes import ClusterFactory, alive, http_json, node_args, workers_of
 from tests.scheduling import (
     POLL,
     assert_no_overlap,
@@ -32,45 +31,6 @@ from tests.scheduling import (
 
 WORKERS = ("--workers", "2")
 TTL = 3.0
-
-
-def descendants(pid: int) -> set[int]:
-    """Every process below ``pid`` (Linux /proc), not ``pid`` itself."""
-    found: set[int] = set()
-    queue = [pid]
-    while queue:
-        current = queue.pop()
-        try:
-            tasks = list(Path(f"/proc/{current}/task").iterdir())
-        except OSError:
-            continue
-        for task in tasks:
-            try:
-                children = {int(c) for c in (task / "children").read_text().split()}
-            except OSError:
-                continue
-            queue.extend(children - found)
-            found |= children
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def workers_of(node: NodeProcess) -> set[int]:
-    """The node's worker processes: its children running the balancectl worker."""
-    return {
-        pid
-        for pid in descendants(node.process.pid)
-        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
-        and alive(pid)
-        and not Path(f"/proc/{pid}/cmdline").read_bytes().count(b"resource_tracker")
-    }
 
 
 def test_two_workers_serve_one_node_that_counts_once_in_the_spread(

@@ -1,12 +1,13 @@
 """A node whose workers are slow to start still gets its share of the first round.
 
-Two nodes are started together. The second one's HTTP workers are held (SIGSTOP) for
-``HOLD`` s as soon as they appear, far past the settle delay: a loaded machine, a cold
-disk. The node joins the cluster before its workers start, so its peer counts it from
-the start: while it is held, the peer runs one job and leaves the rest to it, and the
-held node claims nothing (it claims once it serves). Once its workers run, the jobs are
-spread evenly. (A node that joined only once its workers had started would have been
-invisible for those seconds, and its peer would have taken every job.)
+Two nodes are started together. The second one's HTTP workers are held (SIGSTOP) as soon
+as they appear, until its peer runs a job and ``HOLD`` s more, far past the settle
+delay: a loaded machine, a cold disk. The node joins the cluster before its workers
+start, so its peer counts it from the start: while it is held, the peer runs one job and
+leaves the rest to it, and the held node claims nothing (it claims once it serves). Once
+its workers run, the jobs are spread evenly. (A node that joined only once its workers
+had started would have been invisible for those seconds, and its peer would have taken
+every job.)
 """
 
 from __future__ import annotations
@@ -21,27 +22,13 @@ from pathlib import Path
 
 from balancectl.toolkit.cluster import LocalCluster, NodeProcess
 from tests.conftest import free_port
+from tests.processes import workers_of
 from tests.scheduling import POLL, running, wait_for, write_jobs
 
 JOBS = [f"job-{number}" for number in range(1, 5)]
-SETTLE, HOLD, TTL = 1.0, 3.0, 10.0  # the hold ends well before a job starves (settle + TTL)
-
-
-def workers_of(supervisor: int) -> list[int]:
-    """The supervisor's ``spawn`` children (its HTTP workers; not the resource tracker)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            command = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if parent == supervisor and b"spawn_main" in command:
-            found.append(int(entry))
-    return found
+# The hold (at most 20 s until the peer runs a job, then HOLD s: many polls) ends well
+# before a job may starve (settle + TTL).
+SETTLE, HOLD, TTL = 1.0, 3.0, 30.0
 
 
 @contextmanager
@@ -72,21 +59,24 @@ def test_a_node_slow_to_serve_is_counted_from_its_start(database_url: str, tmp_p
     jobs = write_jobs(tmp_path / "jobs.toml", JOBS, min_duration="10m", interval="10m")
     with started(database_url, jobs, tmp_path / "cluster.log") as cluster:
         first, slow = cluster.members
-        held = wait_for("the slow node's worker", lambda: workers_of(slow.process.pid), 30, 0.005)
+        held = wait_for("the slow node's worker", lambda: workers_of(slow), 30, 0.005)
         for pid in held:
             os.kill(pid, signal.SIGSTOP)
         held_at = time.monotonic()
         try:
-            wait_for("the first node to serve", lambda: running_or_none(first) is not None, 30)
-            time.sleep(max(0.0, held_at + HOLD - time.monotonic()))
+            wait_for("the first node to run a job", lambda: running_or_none(first), 20)
+            time.sleep(HOLD)  # it would take the others now, had it not counted the held node
             while_held = running(first)
+            held_for = time.monotonic() - held_at
         finally:
             for pid in held:
                 os.kill(pid, signal.SIGCONT)
         cluster.wait_ready(timeout=60)
         after = wait_for("every job to run", lambda: spread(first, cluster), timeout=30)
 
-    print(f"\nwhile the slow node's workers were held {HOLD:.0f} s: {while_held}; after: {after}")
+    print(
+        f"\nwhile the slow node's workers were held {held_for:.1f} s: {while_held}; after: {after}"
+    )
     assert Counter(while_held.values()) == {first.node_id: 1}, while_held
     assert sorted(after.values()) == [2, 2], after
 
