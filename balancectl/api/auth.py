@@ -20,9 +20,13 @@ async def require_token(
 
 
 def check_token(token: str | None, given: bytes | None) -> None:
-    """When the node has an API token, demand ``Authorization: Bearer <token>`` (constant time)."""
+    """When the node has an API token, demand ``Authorization: Bearer <token>`` (constant time).
+
+    Whitespace around the header's value is not part of it (RFC 9110, 5.5); the server's
+    parser may or may not have stripped it (uvicorn strips it from 0.55 on).
+    """
     if token is None:
         return
     expected = f"Bearer {token}".encode()
-    if not hmac.compare_digest(given or b"", expected):
+    if not hmac.compare_digest((given or b"").strip(b" \t"), expected):
         raise Unauthorized("this route needs Authorization: Bearer <token>")

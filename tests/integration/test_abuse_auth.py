@@ -77,7 +77,6 @@ def refused_authorizations(token: str) -> list[str | None]:
         f"Bearer {token[:-1]}",
         f"Basic {token}",
         f"Bearer  {token}",
-        f"Bearer {token} ",
         f"Bearer {token.upper()}",
         f"Bearer {token}\u00e9",
     ]
@@ -112,7 +111,13 @@ def test_the_token_guards_the_change_and_never_leaks(
         200,
         {"userId": 1, "balance": 9998, "amount": -2},
     )
-    seen += [accepted, exchange(url, "GET", "/schema/openapi.json")]
+    # RFC 9110 (5.5): whitespace around a field value is not part of it, whether or not
+    # the server's parser strips it (uvicorn 0.55 does, earlier ones did not).
+    padded = exchange(
+        url, "POST", "/users/1/balance", b'{"amount": -2}', Authorization=f"Bearer {token} \t"
+    )
+    assert padded[0] == 200, padded
+    seen += [accepted, padded, exchange(url, "GET", "/schema/openapi.json")]
 
     cluster.stop()  # the whole log, shutdown included
     log = (tmp_path / "cluster-1.log").read_text()
