@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from litestar import Litestar
 from litestar.datastructures import State
@@ -16,6 +16,7 @@ from litestar.openapi import OpenAPIConfig
 
 import balancectl
 from balancectl.api import balance_routes, dashboard_routes, jobs_routes, ops_routes
+from balancectl.api.balance_lane import answer_change, lane_user
 from balancectl.api.metrics import Metrics, MetricsMiddleware
 from balancectl.api.problems import exception_handlers
 from balancectl.config import NodeSettings
@@ -76,6 +77,19 @@ async def sample_pool(metrics: Metrics, db: Database) -> None:
         await asyncio.sleep(POOL_SAMPLE_EVERY)
 
 
+class NodeApp(Litestar):
+    """Litestar, with the balance route's canonical path answered before the router
+    (``api.balance_lane``: the hot path, without the framework's per-request objects)."""
+
+    max_body: int
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and (raw_user := lane_user(scope)) is not None:
+            await answer_change(self.state, scope, receive, send, raw_user, self.max_body)
+            return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: NodeSettings, node_ready: Ready | None = None) -> Litestar:
     """A node's HTTP app (one per worker process); nothing is opened until its lifespan starts.
 
@@ -95,7 +109,7 @@ def create_app(settings: NodeSettings, node_ready: Ready | None = None) -> Lites
             "outcomes": OutcomeCounts(settings.node_id),
         }
     )
-    return Litestar(
+    app = NodeApp(
         route_handlers=[
             balance_routes.change_balance,
             balance_routes.get_user,
@@ -124,3 +138,5 @@ def create_app(settings: NodeSettings, node_ready: Ready | None = None) -> Lites
         request_max_body_size=settings.max_body_bytes,
         logging_config=None,
     )
+    app.max_body = settings.max_body_bytes
+    return app

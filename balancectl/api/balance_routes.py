@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, get, post
+from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.exceptions import HTTPException
 from litestar.params import Parameter
@@ -29,6 +30,7 @@ from balancectl.db import Database
 from balancectl.errors import BalancectlError, InvalidRequest
 from balancectl.outcomes import OutcomeCounts, outcome_of
 
+ROUTE = "/users/{userId:str}/balance"
 UserId = Annotated[
     str, Parameter(description="A positive 64-bit integer", schema_extra=USER_ID_SCHEMA)
 ]
@@ -103,16 +105,34 @@ def parse_key(raw: str | None) -> str | None:
     return raw
 
 
-def require_json(request: Request[Any, Any, Any]) -> None:
-    media_type = request.content_type[0]
+def require_json(content_type: bytes | None) -> None:
+    """Refuse a body that does not say it is JSON (``application/json`` or ``*+json``)."""
+    media_type = (decoded(content_type) or "").partition(";")[0].strip().lower()
     if media_type != "application/json" and not media_type.endswith("+json"):
         raise HTTPException(
             status_code=415, detail=f"the body must be application/json, not {media_type!r}"
         )
 
 
+async def change_for(
+    state: State, raw_user: str, headers: dict[bytes, bytes], body: Callable[[], Awaitable[bytes]]
+) -> balance.Outcome:
+    """The route's work, the same on both of its entries (Litestar's handler below and the
+    fast lane, ``api.balance_lane``): check the request in the order the API documents,
+    read its body, change the balance. A request the route refuses raises the error
+    its problem document is made from."""
+    check_token(state["api_token"], headers.get(b"authorization"))
+    require_json(headers.get(b"content-type"))
+    uid, key = parse_user_id(raw_user), parse_key(decoded(headers.get(b"idempotency-key")))
+    amount = parse_amount(await body())
+    db: Database = state["db"]
+    if key is None:
+        return await balance.change_balance(db, uid, amount)
+    return await balance.change_balance_once(db, uid, amount, key)
+
+
 @post(
-    "/users/{userId:str}/balance",
+    ROUTE,
     operation_class=BalanceOperation,
     status_code=200,
     responses=problem_specs(
@@ -133,23 +153,17 @@ async def change_balance(
 ) -> Response[BalanceResult]:
     """Debit (amount < 0) or credit (amount > 0); the balance never goes below zero.
 
-    The hot route reads its headers and its pool itself: a Litestar guard copies the
-    handler and a header parameter builds a ``Headers`` per request (measured: a fifth of
-    a node's CPU under the burst). The OpenAPI operation still documents both.
+    A node answers this route's canonical path in its fast lane (``api.balance_lane``),
+    before Litestar's router; this handler answers the paths only the router matches
+    (``/users/1/balance/``, ``//users/1/balance``) and documents the route in OpenAPI.
+    Both call ``change_for``. The handler reads its headers itself: a Litestar guard
+    copies the handler and a header parameter builds a ``Headers`` per request.
     """
     # Subscripted: a State attribute costs 0.5 µs (a failed lookup first), an item 0.06 µs.
     counts: OutcomeCounts = request.app.state["outcomes"]
     try:  # in this frame, not a helper's: a refusal raised crosses one frame less
         headers = wanted_headers(request.scope["headers"])
-        check_token(request.app.state.api_token, headers.get(b"authorization"))
-        require_json(request)
-        uid, key = parse_user_id(userId), parse_key(decoded(headers.get(b"idempotency-key")))
-        amount = parse_amount(await request.body())
-        db: Database = request.app.state.db
-        if key is None:
-            outcome = await balance.change_balance(db, uid, amount)
-        else:
-            outcome = await balance.change_balance_once(db, uid, amount, key)
+        outcome = await change_for(request.app.state, userId, headers, request.body)
     except Exception as error:  # counted, then answered by the exception handlers
         counts.count(outcome_of(status_of(error)))
         raise
@@ -166,11 +180,11 @@ def status_of(error: Exception) -> int:
     return 500
 
 
-WANTED = frozenset({b"authorization", b"idempotency-key"})
+WANTED = frozenset({b"authorization", b"content-length", b"content-type", b"idempotency-key"})
 
 
 def wanted_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
-    """The two headers the route reads, from the ASGI scope (names arrive lower-case)."""
+    """The headers the route reads, from the ASGI scope (names arrive lower-case)."""
     return {name: value for name, value in raw if name in WANTED}
 
 

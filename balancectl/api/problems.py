@@ -37,10 +37,15 @@ def problem_response(
     )
 
 
-def on_domain_error(_: Request[Any, Any, Any], error: BalancectlError) -> Response[dict[str, Any]]:
+def domain_problem(error: BalancectlError) -> tuple[dict[str, Any], dict[str, str] | None]:
+    """A domain error's document and the headers it goes with."""
     # RFC 9110 (15.5.2): a 401 must name the authentication scheme it wants.
     headers = {"WWW-Authenticate": 'Bearer realm="balancectl"'} if error.status == 401 else None
-    return problem_response(problem_document(error), headers=headers)
+    return problem_document(error), headers
+
+
+def on_domain_error(_: Request[Any, Any, Any], error: BalancectlError) -> Response[dict[str, Any]]:
+    return problem_response(*domain_problem(error))
 
 
 def on_validation_error(
@@ -61,21 +66,41 @@ def http_problem(status: int, detail: str) -> dict[str, Any]:
 
 
 def on_http_error(_: Request[Any, Any, Any], error: HTTPException) -> Response[dict[str, Any]]:
-    document = http_problem(error.status_code, str(error.detail))
-    return problem_response(document, headers=error.headers)
+    return problem_response(http_problem(error.status_code, str(error.detail)), error.headers)
+
+
+INTERNAL_ERROR = {
+    "type": problem_type("internal"),
+    "title": "Internal error",
+    "status": 500,
+    "detail": "the node failed to handle this request; its log has the details",
+}
+
+
+def unexpected_problem(method: str, path: str, error: Exception) -> dict[str, Any]:
+    """Log a bug with its traceback; the caller gets a document that says nothing of it."""
+    log.exception("unexpected error on %s %s", method, path, exc_info=error)
+    return dict(INTERNAL_ERROR)
 
 
 def on_unexpected_error(
     request: Request[Any, Any, Any], error: Exception
 ) -> Response[dict[str, Any]]:
-    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=error)
-    document = {
-        "type": problem_type("internal"),
-        "title": "Internal error",
-        "status": 500,
-        "detail": "the node failed to handle this request; its log has the details",
-    }
-    return problem_response(document)
+    return problem_response(unexpected_problem(request.method, request.url.path, error))
+
+
+def problem_of(
+    error: Exception, method: str, path: str
+) -> tuple[dict[str, Any], dict[str, str] | None]:
+    """What the handlers above answer ``error`` with, for an entry outside Litestar's
+    exception handling (the balance route's fast lane): its document and headers."""
+    if isinstance(error, BalancectlError):
+        return domain_problem(error)
+    if isinstance(error, ValidationException):
+        return problem_document(InvalidRequest(str(error.detail))), None
+    if isinstance(error, HTTPException):
+        return http_problem(error.status_code, str(error.detail)), error.headers
+    return unexpected_problem(method, path, error), None
 
 
 def exception_handlers() -> ExceptionHandlersMap:
@@ -87,4 +112,10 @@ def exception_handlers() -> ExceptionHandlersMap:
     }
 
 
-__all__ = ["PROBLEM_JSON", "exception_handlers", "http_problem", "problem_response"]
+__all__ = [
+    "PROBLEM_JSON",
+    "exception_handlers",
+    "http_problem",
+    "problem_of",
+    "problem_response",
+]
