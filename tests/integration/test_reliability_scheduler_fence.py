@@ -1,7 +1,7 @@
 """The fence of a job's writes holds until they commit; a clock step doubles no write.
 
 1. A job's write is held inside its statement (the test's open transaction holds the
-   primary key the job's insert draws). Its node is paused (SIGSTOP) past the lease
+   primary key the job's next insert draws). Its node is paused (SIGSTOP) past the lease
    TTL, then the statement is let go. No row written under the old token may commit
    after the next claim's ``started_at``: the fence (a ``FOR KEY SHARE`` lock on the job
    row, taken in the write's own transaction) keeps the claim off until the write's
@@ -17,10 +17,12 @@ import signal
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
+from balancectl.config import PoolSettings
 from balancectl.toolkit.cluster import LocalCluster, NodeProcess
 from tests.conftest import sql
 from tests.processes import ClusterFactory, node_args
@@ -38,6 +40,8 @@ pytestmark = pytest.mark.slow
 TTL, SETTLE = 3.0, 0.5
 JOB = "snap"
 SLACK = 2.0
+LOCK_TIMEOUT = PoolSettings().lock_timeout  # what ends a held statement on its own
+LOCK_MARGIN = 0.5
 
 
 def lease(url: str) -> tuple[int, datetime]:
@@ -68,19 +72,46 @@ def rows_of(url: str, token: int) -> int:
     return int(count)
 
 
-def write_waiting(url: str) -> bool:
-    """The job's snapshot insert waits for the test's transaction."""
-    rows = sql(
-        url,
-        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-        "AND query LIKE '%%INSERT INTO balance_snapshots%%' AND pid <> pg_backend_pid()",
-    )
-    return bool(rows[0][0])
-
-
 def holder(cluster: LocalCluster) -> NodeProcess:
     owner = wait_for("the job to run", lambda: running(cluster.members[0]).get(JOB), timeout=30)
     return cluster.node(owner)
+
+
+def hold_next_write(url: str) -> psycopg.Connection[tuple[Any, ...]]:
+    """An open transaction holding the snapshot id the job's next insert will draw.
+
+    The job writes every 0.2 s, so the id is taken the moment the job has not drawn it
+    yet: an id the job drew first fails here (its row exists, or its insert commits
+    while ours waits) and the next one is tried.
+    """
+    lock = psycopg.connect(url)
+    for _ in range(200):
+        [(drawn,)] = lock.execute(
+            "SELECT last_value FROM pg_sequences WHERE sequencename LIKE 'balance_snapshots_%'"
+        ).fetchall()
+        try:
+            lock.execute(
+                "INSERT INTO balance_snapshots (id, taken_at, users, total_balance, "
+                "ledger_entries, job_token) OVERRIDING SYSTEM VALUE "
+                "VALUES (%s, now(), 0, 0, 0, 0)",
+                ((drawn or 0) + 1,),
+            )
+            return lock
+        except psycopg.errors.UniqueViolation:
+            lock.rollback()
+    lock.close()
+    raise AssertionError("the job drew every id before the test could hold one")
+
+
+def waiting_write_age(url: str) -> float | None:
+    """Seconds the job's snapshot insert has waited for the test's transaction (DB clock)."""
+    rows = sql(
+        url,
+        "SELECT extract(epoch FROM now() - query_start) FROM pg_stat_activity "
+        "WHERE wait_event_type = 'Lock' AND query LIKE '%%INSERT INTO balance_snapshots%%' "
+        "AND pid <> pg_backend_pid()",
+    )
+    return float(rows[0][0]) if rows else None
 
 
 def test_a_write_held_in_its_statement_never_commits_after_the_next_claim(
@@ -89,27 +120,31 @@ def test_a_write_held_in_its_statement_never_commits_after_the_next_claim(
     tmp_path: Path,
     request: pytest.FixtureRequest,
 ) -> None:
-    jobs = write_jobs(tmp_path / "jobs.toml", [JOB], "30s", "10m", function="tests.jobs:snapshot")
-    # The test's open transaction holds snapshot id 1, the id the job's insert will draw:
-    # that insert waits inside its execution (after its snapshot) until the test lets go.
-    lock = psycopg.connect(database_url)
-    request.addfinalizer(lock.close)
-    lock.execute(
-        "INSERT INTO balance_snapshots (id, taken_at, users, total_balance, ledger_entries, "
-        "job_token) OVERRIDING SYSTEM VALUE VALUES (1, now(), 0, 0, 0, 0)"
-    )
+    """The job writes a fenced snapshot every 0.2 s. Once both nodes serve, the test holds
+    the id of the job's next insert in an open transaction, so that insert waits inside
+    its statement, and pauses the job's node at once: the statement is fresh, and the
+    watch below ends before the node's 5 s lock_timeout would end it."""
+    jobs = write_jobs(tmp_path / "jobs.toml", [JOB], "30s", "10m", function="tests.jobs:snapshots")
     cluster = cluster_factory(
         2, *node_args(jobs_file=jobs, lease_ttl=TTL, poll=POLL, settle=SETTLE)
     )
     paused = holder(cluster)
-    wait_for("the write to wait inside its statement", lambda: write_waiting(database_url), 15)
     old_token, _ = lease(database_url)
+    wait_for("a first snapshot", lambda: rows_of(database_url, old_token), 15)
+    lock = hold_next_write(database_url)
+    request.addfinalizer(lock.close)
+    wait_for("the write to wait inside its statement", lambda: waiting_write_age(database_url), 5)
 
     paused.process.send_signal(signal.SIGSTOP)
     try:
-        # Watch past the lease's expiry: a claim seen now was made while the write was held.
-        # (Kept short of the 5 s lock_timeout that would end the held statement itself.)
-        held_claim = watch_claim(database_url, old_token, seconds=TTL + 0.5)
+        age = waiting_write_age(database_url)
+        assert age is not None, "the held write ended before its node was paused"
+        before = rows_of(database_url, old_token)
+        # Watch past the lease's expiry: a claim seen now was made while the write was
+        # held. The watch ends LOCK_MARGIN before the lock_timeout would end the write.
+        watch = LOCK_TIMEOUT - age - LOCK_MARGIN
+        assert watch >= TTL + POLL * 1.2, f"the held write was {age:.2f} s old at the pause"
+        held_claim = watch_claim(database_url, old_token, seconds=watch)
         lock.rollback()  # the held insert runs to its end now
         released = time.monotonic()
         lock.close()
@@ -127,11 +162,12 @@ def test_a_write_held_in_its_statement_never_commits_after_the_next_claim(
     claimed_while_held = held_claim is not None
 
     print(
-        f"\nclaimed while the write was held: {claimed_while_held}; claimed {took:.2f} s "
-        f"after the write was let go; rows under token {old_token}: {at_claim} then {later}"
+        f"\nwrite held {age:.2f} s at the pause, watched {watch:.2f} s; claimed while the "
+        f"write was held: {claimed_while_held}; claimed {took:.2f} s after the write was let "
+        f"go; rows under token {old_token}: {before} at the pause, {at_claim} then {later}"
     )
     assert later == at_claim, f"a row under token {old_token} committed after the new claim"
-    assert later == 0, f"{later} row(s) written under the old token {old_token}"
+    assert later == before, f"the held write under the old token {old_token} committed"
     assert not claimed_while_held, "the job was claimed while its write was still running"
     assert took <= 1.0 + POLL * 1.2 + SLACK, f"the paused write held the job {took:.2f} s"
     wait_for("the new run's snapshot", lambda: rows_of(database_url, new_token), timeout=10)
