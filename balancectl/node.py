@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 from collections.abc import AsyncIterator, Sequence
@@ -23,6 +24,7 @@ from balancectl.db import BOUNCER_FULL, Database, TooManyConnections, refusal, s
 from balancectl.errors import ConfigError
 from balancectl.logs import configure_logging
 from balancectl.open_files import raise_open_files_limit
+from balancectl.orphans import end_with_launcher
 from balancectl.revision import SCHEMA_HEAD
 from balancectl.scheduler import JobRetention, JobSpec, Scheduler, SchedulerStore
 from balancectl.scheduler.metrics import SchedulerMetrics
@@ -70,6 +72,7 @@ def warn_if_backlog_capped(backlog: int) -> None:
 
 def serve(settings: NodeSettings, specs: Sequence[JobSpec], db_wait: float = 30.0) -> None:
     """Migrate, then serve the API and run the scheduler until asked to stop."""
+    end_with_launcher(os.environ)
     sock = bind(settings.host, settings.port, settings.backlog)
     raise_open_files_limit()
     facts = server_facts(settings.database_url)

@@ -7,13 +7,10 @@ pool and event loop; none runs a scheduler. A worker dies with its supervisor, e
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import os
-import signal
 import socket
-import sys
 from dataclasses import replace
 from multiprocessing.queues import SimpleQueue
 from multiprocessing.synchronize import Event
@@ -26,8 +23,8 @@ from balancectl.api.http_limits import guarded_protocol
 from balancectl.config import NodeSettings, worker_pool
 from balancectl.db import Database, TooManyConnections
 from balancectl.logs import configure_logging
+from balancectl.orphans import die_with_parent
 
-PR_SET_PDEATHSIG = 1
 # How many gen-0 and gen-1 passes of the cyclic collector run before a pass of the next
 # generation (CPython's are 10 and 10). A burst keeps 10,000 requests' objects alive, and
 # every pass of an older generation walks them all: a fifth to a quarter of a worker's CPU
@@ -35,15 +32,6 @@ PR_SET_PDEATHSIG = 1
 # Ten times rarer, they cost about what no collector does; gen 0 runs as often as before.
 OLDER_GENERATIONS_EVERY = (100, 100)
 log = logging.getLogger("balancectl.worker")
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Have the kernel SIGKILL this process when its parent ends (Linux); exit if it has."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the parent ended before the line above ran
-        os._exit(1)
 
 
 def uvicorn_config(settings: NodeSettings, node_ready: Event | None = None) -> uvicorn.Config:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, TypeVar
 
 from balancectl.errors import ConfigError
+from balancectl.orphans import LAUNCHER_PID
 
 T = TypeVar("T")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -139,6 +140,7 @@ class LocalCluster:
 
     def start(self) -> None:
         env = {**os.environ, **self.env, "BALANCECTL_DATABASE_URL": self.database_url}
+        env[LAUNCHER_PID] = str(os.getpid())  # a node ends with this process (orphans.py)
         ports = self.ports or range(self.base_port, self.base_port + self.nodes)
         for index, port in enumerate(ports, start=1):
             with signals_held():  # a node spawned is a node recorded, so it will be stopped

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_ports, sql
-from tests.processes import ClusterFactory
+from tests.processes import ClusterFactory, alive, descendants
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -126,6 +127,34 @@ def test_up_starts_nodes_and_stops_them_on_sigterm(database_url: str, tmp_path: 
     assert "[node-1]" in text and "[node-2]" in text
     stopped = sql(database_url, "SELECT count(*) FROM nodes WHERE stopped_at IS NOT NULL")
     assert stopped == [(2,)]
+    assert not port_in_use(base) and not port_in_use(base + 1)
+
+
+def test_up_killed_with_sigkill_takes_its_nodes_with_it(database_url: str, tmp_path: Path) -> None:
+    """A launcher that cannot stop its nodes (kill -9) still leaves no node behind: each
+    node is SIGTERMed by the kernel when its launcher dies, and stops as on Ctrl-C."""
+    base = free_ports(2)
+    log = (tmp_path / "up.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "balancectl", "up", "--nodes", "2", "--base-port", str(base),
+         "--database-url", database_url],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    below: set[int] = set()
+    try:
+        wait_until(lambda: "2 nodes up" in (tmp_path / "up.log").read_text(), 90)
+        below = descendants(process.pid)  # the two nodes and their workers
+        assert len(below) >= 4, below
+        process.kill()
+        process.wait(timeout=10)
+        wait_until(lambda: not any(alive(pid) for pid in below), 30)
+    finally:
+        for pid in below:  # the test leaves nothing behind, whatever it found
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        log.close()
+    stopped = sql(database_url, "SELECT count(*) FROM nodes WHERE stopped_at IS NOT NULL")
+    assert stopped == [(2,)]  # each stopped as on a SIGTERM: it recorded its leaving
     assert not port_in_use(base) and not port_in_use(base + 1)
 
 

@@ -38,6 +38,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "balancectl.config": ("balancectl.api", "balancectl.scheduler", "balancectl.db"),
     "balancectl.errors": ("balancectl.api", "balancectl.scheduler", "balancectl.db"),
     "balancectl.open_files": ("balancectl.api", "balancectl.scheduler", "balancectl.db"),
+    "balancectl.orphans": ("balancectl.api", "balancectl.scheduler", "balancectl.db"),
     "balancectl.migrations": ("balancectl.api", "balancectl.scheduler", "balancectl.toolkit"),
     "balancectl.db": ("balancectl.toolkit", "balancectl.api", "balancectl.scheduler"),
     "balancectl.sql": ("balancectl.toolkit", "balancectl.api", "balancectl.scheduler"),
