@@ -6,7 +6,7 @@ an ``ASGIResponse`` and crosses two middlewares; py-spy put that at about a thir
 worker's CPU in the burst, more than the route's own work. The node's app
 (``api.app.NodeApp``) hands a request whose method and path are the route's canonical
 form to ``answer_change`` below before its router sees it; every other request, this
-route's other spellings included (a trailing slash, a doubled slash), goes through
+route's other spelling included (a trailing slash), goes through
 Litestar as before, whose handler (``balance_routes.change_balance``) documents the
 route and calls the same ``change_for``.
 

@@ -154,14 +154,14 @@ async def change_balance(
     """Debit (amount < 0) or credit (amount > 0); the balance never goes below zero.
 
     A node answers this route's canonical path in its fast lane (``api.balance_lane``),
-    before Litestar's router; this handler answers the paths only the router matches
-    (``/users/1/balance/``, ``//users/1/balance``) and documents the route in OpenAPI.
+    before Litestar's router; this handler answers the spelling only the router matches
+    (``/users/1/balance/``) and documents the route in OpenAPI.
     Both call ``change_for``. The handler reads its headers itself: a Litestar guard
     copies the handler and a header parameter builds a ``Headers`` per request.
     """
     # Subscripted: a State attribute costs 0.5 µs (a failed lookup first), an item 0.06 µs.
     counts: OutcomeCounts = request.app.state["outcomes"]
-    try:  # in this frame, not a helper's: a refusal raised crosses one frame less
+    try:
         headers = wanted_headers(request.scope["headers"])
         outcome = await change_for(request.app.state, userId, headers, request.body)
     except Exception as error:  # counted, then answered by the exception handlers
