@@ -4,12 +4,11 @@ The route is the node's hot path: the 10,000-request burst is nothing else. Thro
 Litestar's router, a request builds a ``Request``, a signature model, a ``Response`` and
 an ``ASGIResponse`` and crosses two middlewares: py-spy put about a sixth of a worker's
 samples there in the burst, and going round it takes a node's CPU in the burst to 0.80x
-(``docs/benchmarks.md``). The node's app
-(``api.app.NodeApp``) hands a request whose method and path are the route's canonical
-form to ``answer_change`` below before its router sees it; every other request, this
-route's other spelling included (a trailing slash), goes through Litestar as before,
-whose handler (``balance_routes.change_balance``) documents the
-route and calls the same ``change_for``.
+(``docs/benchmarks.md``). The node's app (``api.app.NodeApp``) hands a request whose
+method and path are the route's canonical form to ``answer_change`` below before its
+router sees it; every other request, this route's other spelling included (a trailing
+slash), goes through Litestar as before, whose handler (``balance_routes.change_balance``)
+documents the route and calls the same ``change_for``.
 
 What the lane does that Litestar did, and where it comes from, so both entries answer
 alike (``tests/inprocess/test_balance_lane.py`` compares them byte for byte):
