@@ -11,6 +11,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -108,11 +109,7 @@ def test_jobs_command_reads_the_database_and_a_node(
 def test_up_starts_nodes_and_stops_them_on_sigterm(database_url: str, tmp_path: Path) -> None:
     base = free_ports(2)
     log = (tmp_path / "up.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "balancectl", "up", "--nodes", "2", "--base-port", str(base),
-         "--database-url", database_url],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    process = start_up(database_url, base, log)
     try:
         wait_until(lambda: "2 nodes up" in (tmp_path / "up.log").read_text(), 90)
         nodes = sql(database_url, "SELECT id FROM nodes WHERE stopped_at IS NULL ORDER BY id")
@@ -135,11 +132,7 @@ def test_up_killed_with_sigkill_takes_its_nodes_with_it(database_url: str, tmp_p
     node is SIGTERMed by the kernel when its launcher dies, and stops as on Ctrl-C."""
     base = free_ports(2)
     log = (tmp_path / "up.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "balancectl", "up", "--nodes", "2", "--base-port", str(base),
-         "--database-url", database_url],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    process = start_up(database_url, base, log)
     below: set[int] = set()
     try:
         wait_until(lambda: "2 nodes up" in (tmp_path / "up.log").read_text(), 90)
@@ -170,6 +163,15 @@ def test_demo_runs_the_whole_story(database_url: str) -> None:
     assert "PASS" in result.stdout and "FAIL" not in result.stdout
     assert sql(database_url, "SELECT balance FROM users WHERE id = 1") == [(10000 - 2 * 2000,)]
     assert "jobs per node" in result.stdout
+
+
+def start_up(database_url: str, base: int, log: IO[str]) -> subprocess.Popen[bytes]:
+    """``balancectl up`` with 2 nodes from ``base``, its output in ``log``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "balancectl", "up", "--nodes", "2", "--base-port", str(base),
+         "--database-url", database_url],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
 
 
 def port_in_use(port: int) -> bool:
