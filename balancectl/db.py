@@ -13,10 +13,10 @@ import os
 import select
 import socket
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import psycopg
 from psycopg.rows import dict_row
@@ -26,6 +26,7 @@ from balancectl.admission import Admission, AdmissionFull, AdmissionTimeout
 from balancectl.config import PoolSettings
 from balancectl.errors import BalancectlError, Unavailable
 from balancectl.sql.loader import query
+from balancectl.wire import fetch_row
 
 Row = dict[str, Any]
 FAILING_WAIT = 1.0  # seconds a request waits for a connection while the database fails
@@ -57,6 +58,7 @@ NO_SLOTS = (
     BOUNCER_FULL,
 )
 Params = Mapping[str, Any]
+T = TypeVar("T")
 
 
 class Reader(Protocol):
@@ -84,13 +86,21 @@ class Session:
         connection: psycopg.AsyncConnection[Row],
         deadline: float,
         health: Health | None = None,
+        prepared: bool = True,
     ) -> None:
         self._connection, self._deadline = connection, deadline
         self._health = health or Health()
+        self._prepared = prepared
 
     async def fetch_one(self, name: str, params: Params | None = None) -> Row | None:
         cursor = await self._execute(name, params)
         return await cursor.fetchone()
+
+    async def fetch_row(self, name: str, params: Params) -> Row:
+        """The one row of a statement that returns exactly one, of integers, text and JSON,
+        straight on libpq (``wire.py``: the balance change's hot path)."""
+        row: Row = await self._bounded(fetch_row(self._connection, name, params, self._prepared))
+        return row
 
     async def fetch_all(
         self, name: str, params: Params | None = None, *, prepare: bool | None = None
@@ -114,9 +124,15 @@ class Session:
     async def _run(
         self, statement: str, params: Params | None, prepare: bool | None
     ) -> psycopg.AsyncCursor[Row]:
-        running = asyncio.ensure_future(
+        cursor: psycopg.AsyncCursor[Row] = await self._bounded(
             self._connection.execute(statement, params, prepare=prepare)
         )
+        return cursor
+
+    async def _bounded(self, statement: Coroutine[Any, Any, T]) -> T:
+        """Run ``statement`` (its task alone, so neither the deadline nor a caller's
+        cancellation interrupts the protocol mid-message) within the deadline."""
+        running = asyncio.ensure_future(statement)
         try:
             done, _ = await asyncio.wait({running}, timeout=self._deadline)
         except asyncio.CancelledError:
@@ -129,9 +145,9 @@ class Session:
                 f"the database did not answer within {self._deadline:g} s. {UNKNOWN}",
                 outcome="unknown",
             )
-        cursor = running.result()
+        answer = running.result()
         self._health.answered()
-        return cursor
+        return answer
 
 
 async def abandon(connection: psycopg.AsyncConnection[Row], running: asyncio.Future[Any]) -> None:
@@ -294,7 +310,12 @@ class Database:
                 self.admission.place(self._wait()),
                 self._connection(self._wait()) as connection,
             ):
-                yield Session(connection, self.settings.statement_timeout, self.health)
+                yield Session(
+                    connection,
+                    self.settings.statement_timeout,
+                    self.health,
+                    self.settings.prepared_statements,
+                )
         except (PoolTimeout, TooManyRequests, AdmissionTimeout, AdmissionFull) as error:
             timed_out = isinstance(error, PoolTimeout | AdmissionTimeout)
             if timed_out and not self.health.answered_since(asked):
