@@ -87,12 +87,12 @@ async def change_balance(db: Database, user_id: int, amount: int) -> Outcome:
     params = {"user_id": user_id, "amount": amount}
     async with db.session() as session:
         for _ in range(OPTIMISTIC_ATTEMPTS):
-            row = await _one(session, "change_balance", params)
+            row = await session.fetch_row("change_balance", params)
             if row["balance"] is not None:
                 return accepted(user_id, amount, int(row["balance"]))
             if row["seen"] is None or not covers(int(row["seen"]), amount):
                 return refused(user_id, amount, _int(row["seen"]))
-        return _decided(user_id, amount, await _one(session, "change_balance_locked", params))
+        return _decided(user_id, amount, await session.fetch_row("change_balance_locked", params))
 
 
 def _decided(user_id: int, amount: int, row: Row) -> Outcome:
@@ -105,7 +105,7 @@ async def change_balance_once(db: Database, user_id: int, amount: int, key: str)
     """Apply the change once per ``key`` in one statement; a repeat gets the first outcome."""
     params = {"user_id": user_id, "amount": amount, "key": key}
     async with db.session() as session:
-        row = await _one(session, "change_balance_once", params)
+        row = await session.fetch_row("change_balance_once", params)
         if row["status"] is not None:
             return stored_outcome(user_id, amount, int(row["status"]), row["response"])
         return await _replay(session, key, user_id, amount)
@@ -132,11 +132,6 @@ async def _replay(session: Session, key: str, user_id: int, amount: int) -> Outc
         )
     outcome = stored_outcome(user_id, amount, int(stored["status_code"]), stored["response"])
     return Outcome(outcome.status, outcome.body, replayed=True)
-
-
-async def _one(session: Session, name: str, params: dict[str, Any]) -> Row:
-    """Each of the change's statements returns exactly one row (taken straight on libpq)."""
-    return await session.fetch_row(name, params)
 
 
 def _int(value: Any) -> int | None:

@@ -6,8 +6,9 @@ about 16 µs (``docs/benchmarks.md``). The route's statements return one row of 
 and JSON, so they go round the cursor on the same pooled connection (``Session.fetch_row``):
 the statement's text from ``queries.sql`` with its named parameters made positional,
 prepared once per connection under its own name (unless the node runs ``--no-prepare``,
-as behind a transaction-pooling PgBouncer), integers sent as ``int8`` and strings as
-``unknown``, as psycopg types them for these statements. Errors are psycopg's own
+as behind a transaction-pooling PgBouncer), integers sent as ``int8`` (every integer
+these statements take is a ``bigint``) and strings as ``unknown``, as psycopg sends a
+``str``. Errors are psycopg's own
 (``psycopg.errors.error_from_result``), so ``Database.session`` maps them as before.
 
 The caller owns the deadline and the cancellation (``Session``): a statement abandoned
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -100,12 +101,7 @@ async def flushed(pg: pq.abc.PGconn) -> None:
     """Everything sent is on its way (a statement this small is sent at once)."""
     loop = asyncio.get_running_loop()
     while pg.flush():
-        ready = loop.create_future()
-        loop.add_writer(pg.socket, _wake, ready)
-        try:
-            await ready
-        finally:
-            loop.remove_writer(pg.socket)
+        await ready(pg.socket, loop.add_writer, loop.remove_writer)
 
 
 async def results(pg: pq.abc.PGconn) -> list[Any]:
@@ -115,17 +111,22 @@ async def results(pg: pq.abc.PGconn) -> list[Any]:
     while True:
         pg.consume_input()
         while pg.is_busy():
-            ready = loop.create_future()
-            loop.add_reader(pg.socket, _wake, ready)
-            try:
-                await ready
-            finally:
-                loop.remove_reader(pg.socket)
+            await ready(pg.socket, loop.add_reader, loop.remove_reader)
             pg.consume_input()
         result = pg.get_result()
         if result is None:
             return found
         found.append(result)
+
+
+async def ready(socket: int, watch: Callable[..., None], unwatch: Callable[[int], object]) -> None:
+    """Until ``socket`` is ready (``watch`` is the loop's ``add_reader`` or ``add_writer``)."""
+    woken = asyncio.get_running_loop().create_future()
+    watch(socket, _wake, woken)
+    try:
+        await woken
+    finally:
+        unwatch(socket)
 
 
 def checked(found: Sequence[Any], wanted: pq.ExecStatus) -> Any:

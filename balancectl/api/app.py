@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -81,11 +82,11 @@ class NodeApp(Litestar):
     """Litestar, with the balance route's canonical path answered before the router
     (``api.balance_lane``: the hot path, without the framework's per-request objects)."""
 
-    max_body: int
-
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and (raw_user := lane_user(scope)) is not None:
-            await answer_change(self.state, scope, receive, send, raw_user, self.max_body)
+            bound = self.request_max_body_size  # the one Litestar's own handlers apply
+            limit = bound if isinstance(bound, int) else math.inf  # None: no bound
+            await answer_change(self.state, scope, receive, send, raw_user, limit)
             return
         await super().__call__(scope, receive, send)
 
@@ -109,7 +110,7 @@ def create_app(settings: NodeSettings, node_ready: Ready | None = None) -> Lites
             "outcomes": OutcomeCounts(settings.node_id),
         }
     )
-    app = NodeApp(
+    return NodeApp(
         route_handlers=[
             balance_routes.change_balance,
             balance_routes.get_user,
@@ -138,5 +139,3 @@ def create_app(settings: NodeSettings, node_ready: Ready | None = None) -> Lites
         request_max_body_size=settings.max_body_bytes,
         logging_config=None,
     )
-    app.max_body = settings.max_body_bytes
-    return app

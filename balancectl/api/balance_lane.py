@@ -52,7 +52,7 @@ def lane_user(scope: HTTPScope) -> str | None:
 
 
 async def answer_change(
-    state: State, scope: HTTPScope, receive: Receive, send: Send, raw_user: str, max_body: int
+    state: State, scope: HTTPScope, receive: Receive, send: Send, raw_user: str, max_body: float
 ) -> None:
     """Answer one request of the route, count it, and time it for ``/metrics``."""
     started = time.perf_counter()
@@ -79,7 +79,7 @@ async def answer_change(
     metrics.observe(TEMPLATE, "POST", status, time.perf_counter() - started)
 
 
-async def body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes:
+async def body(receive: Receive, headers: dict[bytes, bytes], limit: float) -> bytes:
     """The request's body, at most ``limit`` bytes (``413`` past it)."""
     announced = headers.get(b"content-length")
     if announced is not None and announced.isdigit() and int(announced) > limit:

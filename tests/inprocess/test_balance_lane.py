@@ -110,8 +110,8 @@ async def test_both_entries_are_counted_under_one_route(guarded: Client) -> None
 async def test_the_lane_answers_without_litestars_handler(
     guarded: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The canonical path never reaches the router's handler: with ``change_for`` broken
-    for the handler only, the lane still answers and the router's spelling fails."""
+    """The canonical path is answered by the lane's own ``change_for`` call, never by the
+    router's handler: a recorder on the lane's name sees the one and not the other."""
     calls: list[str] = []
     original = balance_routes.change_for
 

@@ -103,7 +103,7 @@ def test_named_parameters_become_positional_in_order() -> None:
     assert b"%(" not in statement.text and b"$3" in statement.text
 
 
-async def test_a_session_without_the_pool_is_refused_nothing(database_url: str) -> None:
+async def test_a_session_on_a_connection_of_its_own_reads_the_row(database_url: str) -> None:
     """``Session`` on a connection of its own (as the scheduler's tests build one)."""
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
         session = Session(conn, 5.0)  # type: ignore[arg-type]
